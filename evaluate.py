@@ -1,0 +1,95 @@
+"""
+Evaluate kNN-LM: perplexity of the LM alone and of kNN-LM (eq. 3) on a split,
+from one pass that computes p_LM and the k nearest neighbours of every token.
+
+    python evaluate.py --k 1024 --lambda 0.25          # the paper's setting
+    python evaluate.py --tune --results results/wikitext-103-small.json
+
+--tune picks λ and the temperature on the validation split (one pass, then cheap
+re-mixing of the cached p_LM and neighbours) and evaluates --split with them.
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+import knnlm
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data", default="data/wikitext-103-small",
+                    help="directory with wiki.{train,valid,test}.tokens (default: %(default)s)")
+parser.add_argument("--split", default="test", choices=knnlm.SPLITS, help="split to evaluate (default: %(default)s)")
+parser.add_argument("--checkpoint", default="runs/model.pt", help="model from train.py (default: %(default)s)")
+parser.add_argument("--datastore", default="runs/datastore",
+                    help="datastore from build_datastore.py, from this corpus or another (default: %(default)s)")
+parser.add_argument("--k", type=int, default=1024, help="neighbours per token (default: %(default)s, the paper's)")
+parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25,
+                    help="interpolation weight of p_kNN (default: %(default)s, the paper's in-domain value)")
+parser.add_argument("--temperature", type=float, default=1.0,
+                    help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, as in the paper)")
+parser.add_argument("--backend", default="torch", choices=["torch"],
+                    help="nearest-neighbour search: torch = exact, chunked matmul + top-k (default: %(default)s)")
+parser.add_argument("--tune", action="store_true",
+                    help="choose λ and temperature on the valid split, then evaluate --split with them")
+parser.add_argument("--results", default=None, help="also write valid and test perplexities to this JSON file")
+parser.add_argument("--min-context", type=int, default=None,
+                    help="every scored token has at least this many tokens of left context "
+                         "(default: half the model's context)")
+parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda when present)")
+args = parser.parse_args()
+
+LAMBDAS = [i / 20 for i in range(20)]  # 0, 0.05, ..., 0.95
+TEMPERATURES = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+
+start = time.time()
+model, vocab, ckpt = knnlm.load_checkpoint(args.checkpoint, args.device)
+datastore = knnlm.Datastore(args.datastore)
+if datastore.meta["model_fingerprint"] != ckpt["fingerprint"]:
+    sys.exit(f"error: datastore {args.datastore} was built by model {datastore.meta['model_fingerprint']}, "
+             f"not by {args.checkpoint} ({ckpt['fingerprint']})")
+if not 0 < args.k <= len(datastore):
+    sys.exit(f"error: --k must be in [1, {len(datastore)}] (the datastore size), got {args.k}")
+data_dir = knnlm.resolve_corpus(args.data)
+print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), "
+      f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+
+
+def score(split):
+    tokens = vocab.encode_file(knnlm.split_path(data_dir, split))
+    return knnlm.score_split(model, tokens, datastore, args.k, args.min_context, args.batch_size,
+                             key_type=datastore.meta["key_type"], desc=split)
+
+
+caches = {}
+if args.tune or args.results:
+    caches["valid"] = score("valid")
+if args.tune:
+    args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], LAMBDAS, TEMPERATURES)
+    print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
+if args.split not in caches:
+    caches[args.split] = score(args.split)
+if args.results:
+    caches.setdefault("test", score("test"))
+
+lm_ppl, knnlm_ppl = {}, {}
+for split, cache in caches.items():
+    lm_ppl[split] = knnlm.perplexity(cache["log_p_lm"])
+    knnlm_ppl[split] = knnlm.perplexity(knnlm.knnlm_log_probs(cache, args.lmbda, args.temperature))
+    print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
+          f"({100 * (1 - knnlm_ppl[split] / lm_ppl[split]):.1f}% lower) at k={args.k}, λ={args.lmbda}, "
+          f"T={args.temperature}")
+
+if args.results:
+    knnlm.write_json({
+        "lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
+        "temperature": args.temperature, "backend": args.backend, "datastore_size": len(datastore),
+        "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
+        "key_type": datastore.meta["key_type"], "min_context": datastore.meta["min_context"],
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
+        "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv)}, args.results)
+    print(f"wrote {args.results}")

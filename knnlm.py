@@ -1,0 +1,521 @@
+"""
+kNN-LM: "Generalization through Memorization: Nearest Neighbor Language Models"
+(Khandelwal et al., ICLR 2020), in one module that reads top to bottom like the paper.
+
+    1. Data          WikiText files -> vocabulary -> integer tensors
+    2. Model         a decoder-only Transformer LM that also returns the kNN key f(c)
+    3. Datastore     (f(c_i), w_i) for every training context, on disk      (eq. 1)
+    4. Search        the k nearest keys by squared L2
+    5. kNN-LM        p_kNN from the neighbours (eq. 2), mixed with p_LM (eq. 3)
+    6. Evaluation    perplexity over a whole split with a sliding window
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+import zipfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# 1. Data
+# WikiText `wiki.{train,valid,test}.tokens`: one paragraph per line, already
+# tokenised, rare words already <unk>. Every line ends with an <eos> token.
+
+SPLITS = ("train", "valid", "test")
+EOS, UNK = "<eos>", "<unk>"
+WIKITEXT_URLS = {  # the official archives, newest location first
+    "wikitext-103": ["https://wikitext.smerity.com/wikitext-103-v1.zip",
+                     "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"],
+    "wikitext-2": ["https://wikitext.smerity.com/wikitext-2-v1.zip",
+                   "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"],
+}
+SMALL_TRAIN_BYTES = int(2.5 * 2**20)  # wikitext-103-small: the first 2.5 MiB of train
+
+
+def split_path(data_dir, split):
+    return os.path.join(data_dir, f"wiki.{split}.tokens")
+
+
+def check_corpus(data_dir):
+    """Fail early, with one clear line, unless data_dir holds the three WikiText splits."""
+    missing = [split_path(data_dir, s) for s in SPLITS if not os.path.isfile(split_path(data_dir, s))]
+    if missing:
+        raise FileNotFoundError(f"{data_dir} is not a WikiText corpus directory: missing "
+                                + ", ".join(missing))
+    return data_dir
+
+
+def read_words(path):
+    """The tokens of a WikiText file: each line's words, then <eos>."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield from line.split()
+            yield EOS
+
+
+class Vocab:
+    """Word <-> id. Built from the training split; anything else maps to <unk>."""
+
+    def __init__(self, words):
+        self.itos = list(words)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.unk = self.stoi[UNK]
+
+    @classmethod
+    def build(cls, path, min_freq=1, max_size=None):
+        counts = Counter(read_words(path))
+        counts.pop(EOS, None), counts.pop(UNK, None)
+        words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        return cls([EOS, UNK] + words[:None if max_size is None else max_size - 2])
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode_file(self, path):
+        get, unk = self.stoi.get, self.unk
+        return torch.tensor([get(w, unk) for w in read_words(path)], dtype=torch.long)
+
+    def decode(self, ids):
+        return " ".join(self.itos[i] for i in ids)
+
+
+def download_wikitext(name, root):
+    """Download and unpack an official WikiText archive into root/name; returns that directory."""
+    target = os.path.join(root, name)
+    os.makedirs(root, exist_ok=True)
+    errors = []
+    for url in WIKITEXT_URLS[name]:
+        try:
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                archive = os.path.join(tmp, "archive.zip")
+                with tqdm(unit="B", unit_scale=True, desc=f"download {name}") as bar:
+                    def hook(blocks, block_size, total):
+                        bar.total = total if total > 0 else None
+                        bar.update(blocks * block_size - bar.n)
+                    urllib.request.urlretrieve(url, archive, reporthook=hook)
+                with zipfile.ZipFile(archive) as z:
+                    z.extractall(tmp)
+                os.replace(os.path.join(tmp, name), target)  # the archive unpacks to <name>/
+            return check_corpus(target)
+        except OSError as e:
+            errors.append(f"{url}: {e}")
+    raise RuntimeError(f"could not download {name} (no internet?). Tried:\n  " + "\n  ".join(errors)
+                       + f"\nPut wiki.{{train,valid,test}}.tokens in a directory and pass it with --data.")
+
+
+def make_small(src_dir, dst_dir, train_bytes=SMALL_TRAIN_BYTES):
+    """wikitext-103-small: official valid and test; train cut to its first articles
+    (the longest prefix of at most train_bytes that ends where an article begins)."""
+    os.makedirs(dst_dir, exist_ok=True)
+    for split in ("valid", "test"):
+        shutil.copyfile(split_path(src_dir, split), split_path(dst_dir, split))
+    with open(split_path(src_dir, "train"), "rb") as f:
+        head = f.read(train_bytes + 1)
+    lines = head.splitlines(keepends=True)
+    cut, size = 0, 0
+    for i, line in enumerate(lines[:-1]):  # an article starts with " \n" then " = Title = \n"
+        if line == b" \n" and lines[i + 1].startswith(b" = ") and not lines[i + 1].startswith(b" = = "):
+            if size <= train_bytes:
+                cut = size
+        size += len(line)
+    with open(split_path(dst_dir, "train"), "wb") as f:
+        f.write(head[:cut] if len(head) > train_bytes else head)
+    return check_corpus(dst_dir)
+
+
+def resolve_corpus(data_dir):
+    """A directory with the three splits is used as it is. A missing directory named
+    wikitext-103, wikitext-2 or wikitext-103-small is downloaded (and cut) first."""
+    if os.path.isdir(data_dir):
+        return check_corpus(data_dir)
+    root, name = os.path.split(os.path.normpath(data_dir))
+    if name in WIKITEXT_URLS:
+        return download_wikitext(name, root or ".")
+    if name == "wikitext-103-small":
+        full = os.path.join(root or ".", "wikitext-103")
+        if not os.path.isdir(full):
+            download_wikitext("wikitext-103", root or ".")
+        return make_small(full, data_dir)
+    return check_corpus(data_dir)
+
+
+# -----------------------------------------------------------------------------
+# 2. Model
+# A GPT-style pre-LayerNorm Transformer LM with tied input/output embeddings.
+# Besides the logits it returns the kNN key f(c): by default the input of the
+# final layer's feed-forward block after its LayerNorm, the paper's best key
+# (Table 5). The other keys of Table 5 are reachable by name.
+
+KEY_TYPES = {
+    "ffn_in_ln": "input of the final FFN block, after its LayerNorm (paper's best, default)",
+    "ffn_in": "input of the final FFN block, before its LayerNorm",
+    "attn_out": "output of the final self-attention (before the residual add)",
+    "block_in": "input of the final Transformer block",
+    "block_out": "output of the final Transformer block, before the final LayerNorm",
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    block_size: int = 256  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    dropout: float = 0.1
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # causal: each position attends only to itself and the positions to its left
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.d_model), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x, taps=None):
+        attn_out = self.attn(self.ln_1(x))
+        ffn_in = x + attn_out
+        ffn_in_ln = self.ln_2(ffn_in)
+        out = ffn_in + self.mlp(ffn_in_ln)
+        if taps is not None:  # the candidate kNN keys of Table 5
+            taps.update(block_in=x, attn_out=attn_out, ffn_in=ffn_in, ffn_in_ln=ffn_in_ln, block_out=out)
+        return out
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, key_type=None):
+        """idx [B, T] -> logits [B, T, V], and the keys [B, T, d] if key_type is given."""
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's context {self.cfg.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
+        taps = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x, taps if i == len(self.blocks) - 1 else None)
+        logits = self.ln_f(x) @ self.wte.weight.T  # tied input/output embeddings
+        return logits if key_type is None else (logits, taps[key_type])
+
+
+def fingerprint(model, vocab):
+    """A short hash of the weights, the config and the vocabulary: what a datastore depends on."""
+    h = hashlib.sha256(json.dumps(asdict(model.cfg), sort_keys=True).encode())
+    h.update("\n".join(vocab.itos).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name in the same directory, then rename: never half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, vocab, **extra):
+    atomic_save({"config": asdict(model.cfg), "model": model.state_dict(), "vocab": vocab.itos,
+                 "fingerprint": fingerprint(model, vocab), **extra}, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode, vocab, the whole checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py (or pass --checkpoint)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = TransformerLM(ModelConfig(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), Vocab(ckpt["vocab"]), ckpt
+
+
+# -----------------------------------------------------------------------------
+# Sliding windows, shared by the datastore (section 3) and the evaluation (6).
+# Every target token is scored exactly once and, past the start of the text,
+# with at least `min_context` tokens of left context: windows of `block_size`
+# tokens advance by `block_size - min_context`, and only the targets not yet
+# scored count (the paper: windows of 3072, the last 1536 scored).
+
+def sliding_batches(tokens, block_size, min_context, batch_size):
+    """Yield (inputs [b, T], targets [b, T], scored [b, T] bool), in text order.
+    Over all batches the scored targets are exactly tokens[1:], in order."""
+    if not 0 <= min_context < block_size:
+        raise ValueError(f"min_context must be in [0, block_size={block_size}), got {min_context}")
+    n, stride = len(tokens), block_size - min_context
+    windows, scored_up_to = [], 0  # targets tokens[1 : scored_up_to + 1] are done
+    for begin in range(0, n - 1, stride):
+        end = min(begin + block_size, n - 1)
+        windows.append((begin, end, scored_up_to - begin))
+        scored_up_to = end
+        if end == n - 1:
+            break
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        T = max(end - begin for begin, end, _ in chunk)
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        y = torch.zeros(len(chunk), T, dtype=torch.long)
+        scored = torch.zeros(len(chunk), T, dtype=torch.bool)
+        for j, (begin, end, first) in enumerate(chunk):
+            x[j, :end - begin] = tokens[begin:end]
+            y[j, :end - begin] = tokens[begin + 1:end + 1]
+            scored[j, first:end - begin] = True  # right padding is never scored
+        yield x, y, scored
+
+
+def count_windows(n_tokens, block_size, min_context):
+    return max(1, math.ceil((n_tokens - 1 - min_context) / (block_size - min_context)))
+
+
+# -----------------------------------------------------------------------------
+# 3. Datastore (eq. 1)
+# (K, V) = {(f(c_i), w_i) | (c_i, w_i) in D}: one forward pass over a text
+# stores, for every target token w_i, the key f(c_i) of its left context.
+# Keys are float16 and values int64 in .npy memmaps written chunk by chunk, so
+# the datastore never has to fit in memory. Row r holds the target tokens[r + 1].
+
+@torch.no_grad()
+def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_context=None,
+                    batch_size=16, source=None, progress=True):
+    cfg = model.cfg
+    min_context = cfg.block_size // 2 if min_context is None else min_context
+    device = next(model.parameters()).device
+    n = len(tokens) - 1
+    os.makedirs(out_dir, exist_ok=True)
+    keys = np.lib.format.open_memmap(os.path.join(out_dir, "keys.npy"), "w+", np.float16, (n, cfg.d_model))
+    vals = np.lib.format.open_memmap(os.path.join(out_dir, "vals.npy"), "w+", np.int64, (n,))
+    row, start = 0, time.time()
+    bar = tqdm(total=n, unit="tok", desc="datastore", disable=not progress)
+    for x, y, scored in sliding_batches(tokens, cfg.block_size, min_context, batch_size):
+        _, k = model(x.to(device), key_type=key_type)
+        k, v = k[scored.to(device)].cpu(), y[scored]
+        keys[row:row + len(v)] = k.numpy()
+        vals[row:row + len(v)] = v.numpy()
+        row += len(v)
+        bar.update(len(v))
+        bar.set_postfix(tok_per_s=f"{row / (time.time() - start):.0f}")
+    bar.close()
+    assert row == n, (row, n)
+    keys.flush(), vals.flush()
+    meta = {"count": n, "dim": cfg.d_model, "key_dtype": "float16", "key_type": key_type,
+            "vocab_size": len(vocab), "model_fingerprint": fingerprint(model, vocab),
+            "min_context": min_context, "block_size": cfg.block_size, "source": source}
+    write_json(meta, os.path.join(out_dir, "meta.json"))
+    return meta
+
+
+def write_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class Datastore:
+    """A datastore on disk: keys [N, d] float16 and vals [N] int64, memory-mapped."""
+
+    def __init__(self, path):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"no datastore at {path} (missing meta.json): build one with build_datastore.py")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        # mode "c" (copy-on-write) gives writable arrays for torch without ever touching the files
+        self.keys = torch.from_numpy(np.load(os.path.join(path, "keys.npy"), mmap_mode="c"))
+        self.vals = torch.from_numpy(np.load(os.path.join(path, "vals.npy"), mmap_mode="c"))
+        if self.keys.shape != (self.meta["count"], self.meta["dim"]) or len(self.vals) != self.meta["count"]:
+            raise ValueError(f"datastore {path}: files do not match meta.json "
+                             f"(keys {tuple(self.keys.shape)}, vals {len(self.vals)}, meta count {self.meta['count']})")
+        self.key_norms = squared_norms(self.keys)
+
+    def __len__(self):
+        return len(self.vals)
+
+    def search(self, queries, k):
+        """queries [B, d] -> (squared distances [B, k] ascending, ids [B, k])."""
+        return topk_l2(queries, self.keys, k, key_norms=self.key_norms)
+
+
+# -----------------------------------------------------------------------------
+# 4. Search
+# Exact k-nearest-neighbour search by squared L2 distance, in plain PyTorch:
+#     ||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2
+# with the key norms computed once, the inner products by one matmul per chunk
+# of keys, a top-k per chunk, and a merge with the best found so far.
+# float16 keys are converted to float32 chunk by chunk (CPU fp16 matmul is slow).
+
+def squared_norms(keys, chunk_size=1 << 16):
+    return torch.cat([keys[i:i + chunk_size].float().pow(2).sum(1) for i in range(0, len(keys), chunk_size)])
+
+
+def topk_l2(queries, keys, k, key_norms=None, key_chunk=1 << 18, query_block=256):
+    """The k keys nearest to each query. queries [B, d] float32, keys [N, d] float16/32.
+    Returns (dists [B, k] float32 ascending, ids [B, k] int64)."""
+    N, d = keys.shape
+    if queries.dim() != 2 or queries.shape[1] != d:
+        raise ValueError(f"queries must be [B, {d}], got {tuple(queries.shape)}")
+    if not 0 < k <= N:
+        raise ValueError(f"k must be in [1, {N}] (the number of keys), got {k}")
+    if key_norms is None:
+        key_norms = squared_norms(keys)
+    queries, device = queries.float(), queries.device
+    B = len(queries)
+    best_dists = torch.full((B, 0), math.inf, device=device)              # [B, <=k]
+    best_ids = torch.zeros((B, 0), dtype=torch.long, device=device)
+    # buffers reused across chunks: fresh memory is slow to touch
+    chunk_buf = torch.empty(min(key_chunk, N), d, device=device)
+    dist_buf = torch.empty(min(query_block, B) * min(key_chunk, N), device=device)
+    for start in range(0, N, key_chunk):
+        chunk = chunk_buf[:min(key_chunk, N - start)].copy_(keys[start:start + key_chunk])
+        norms = key_norms[start:start + len(chunk)].to(device)
+        new_dists, new_ids = [], []
+        for q in queries.split(query_block):
+            # ||k||^2 - 2 q.k; ||q||^2 is the same along a row, so it is added after selection
+            dists = torch.addmm(norms, q, chunk.T, alpha=-2,
+                                out=dist_buf[:len(q) * len(chunk)].view(len(q), len(chunk)))
+            dists, ids = dists.topk(min(k, len(chunk)), dim=1, largest=False, sorted=False)
+            new_dists.append(dists)
+            new_ids.append(ids + start)
+        best_dists = torch.cat([best_dists, torch.cat(new_dists)], 1)
+        best_ids = torch.cat([best_ids, torch.cat(new_ids)], 1)
+        if best_dists.shape[1] > k:  # merge: keep the k best seen so far
+            best_dists, pos = best_dists.topk(k, dim=1, largest=False, sorted=False)
+            best_ids = best_ids.gather(1, pos)
+    best_dists, order = best_dists.sort(dim=1)
+    best_dists += queries.pow(2).sum(1, keepdim=True)
+    return best_dists.clamp_(min=0), best_ids.gather(1, order)
+
+
+# -----------------------------------------------------------------------------
+# 5. kNN-LM
+# eq. 2: p_kNN(y | x) ∝ sum over neighbours (k_i, v_i) with v_i = y of exp(-d(k_i, f(x)) / T)
+# eq. 3: p(y | x) = λ p_kNN(y | x) + (1 - λ) p_LM(y | x)
+# Both in log space. The paper uses T = 1; a temperature is kept as an option.
+
+def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
+    """log p_kNN(target | x) from the neighbours' squared distances [B, k] and values [B, k].
+    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN."""
+    scores = -dists / temperature                                          # [B, k]
+    carries_target = neighbour_vals == targets[:, None]                   # [B, k]
+    return (torch.logsumexp(scores.masked_fill(~carries_target, -math.inf), dim=1)
+            - torch.logsumexp(scores, dim=1))
+
+
+def knn_distribution(dists, neighbour_vals, vocab_size, temperature=1.0):
+    """The whole p_kNN(. | x) over the vocabulary [B, V]: softmax weights summed per token id."""
+    weights = torch.softmax(-dists / temperature, dim=1)
+    return torch.zeros(len(dists), vocab_size, device=dists.device).scatter_add_(1, neighbour_vals, weights)
+
+
+def interpolate(log_p_lm, log_p_knn, lmbda):
+    """eq. 3 in log space: log(λ p_kNN + (1 - λ) p_LM). λ = 0 returns log p_LM exactly."""
+    lmbda = torch.as_tensor(lmbda, dtype=log_p_lm.dtype)
+    return torch.logaddexp(log_p_knn + lmbda.log(), log_p_lm + torch.log1p(-lmbda))
+
+
+# -----------------------------------------------------------------------------
+# 6. Evaluation
+# One pass over a split computes, for every target token, log p_LM and the k
+# nearest neighbours of its query key. Any (λ, T) is then a cheap re-mix of that
+# cache, so tuning on the validation split costs one pass.
+
+@torch.no_grad()
+def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_size=16,
+                key_type="ffn_in_ln", progress=True, desc="evaluate"):
+    """-> dict with targets [n], log_p_lm [n], and with a datastore dists [n, k], neighbour_vals [n, k]."""
+    cfg = model.cfg
+    min_context = cfg.block_size // 2 if min_context is None else min_context
+    device = next(model.parameters()).device
+    out = {"targets": [], "log_p_lm": [], "dists": [], "neighbour_vals": []}
+    bar = tqdm(total=len(tokens) - 1, unit="tok", desc=desc, disable=not progress)
+    for x, y, scored in sliding_batches(tokens, cfg.block_size, min_context, batch_size):
+        x, y, scored = x.to(device), y.to(device), scored.to(device)
+        logits, keys = model(x, key_type=key_type)
+        log_p = F.log_softmax(logits[scored].float(), dim=-1)
+        targets = y[scored]
+        out["targets"].append(targets.cpu())
+        out["log_p_lm"].append(log_p.gather(1, targets[:, None])[:, 0].cpu())
+        if datastore is not None:
+            dists, ids = datastore.search(keys[scored].float(), k)
+            out["dists"].append(dists.cpu())
+            out["neighbour_vals"].append(datastore.vals[ids.cpu()])
+        bar.update(len(targets))
+    bar.close()
+    return {name: torch.cat(parts) for name, parts in out.items() if parts}
+
+
+def knnlm_log_probs(cache, lmbda, temperature=1.0):
+    """Re-mix a score_split cache: log p(target) of kNN-LM at (λ, T) for every token."""
+    log_p_knn = knn_log_prob(cache["dists"], cache["neighbour_vals"], cache["targets"], temperature)
+    return interpolate(cache["log_p_lm"], log_p_knn, lmbda)
+
+
+def perplexity(log_probs):
+    return math.exp(-log_probs.double().mean().item())
+
+
+def tune(cache, lambdas, temperatures):
+    """Grid search of (λ, T) on a cache; -> (best λ, best T, its perplexity, all results)."""
+    results = []
+    for T in temperatures:
+        log_p_knn = knn_log_prob(cache["dists"], cache["neighbour_vals"], cache["targets"], T)
+        for lmbda in lambdas:
+            results.append((perplexity(interpolate(cache["log_p_lm"], log_p_knn, lmbda)), lmbda, T))
+    ppl, lmbda, T = min(results)
+    return lmbda, T, ppl, results

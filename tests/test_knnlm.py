@@ -1,0 +1,237 @@
+"""The paper's claims, one test each, on tiny data the tests make themselves."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import knnlm
+
+WORDS = "the cat sat on a mat and the dog ran to the park while it rained on the town".split()
+
+
+def write_corpus(dir, n_lines=(60, 12, 12), seed=0):
+    """A small WikiText-format corpus: article headings, paragraphs, blank lines."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(dir, exist_ok=True)
+    for split, n in zip(knnlm.SPLITS, n_lines):
+        with open(knnlm.split_path(dir, split), "w", encoding="utf-8") as f:
+            for i in range(n):
+                if i % 10 == 0:
+                    f.write(f" \n = Article {split} {i} = \n \n")
+                f.write(" " + " ".join(rng.choice(WORDS, size=rng.integers(5, 30))) + " \n")
+    return str(dir)
+
+
+def tiny_model(vocab_size, block_size=16, seed=0):
+    torch.manual_seed(seed)
+    cfg = knnlm.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=16,
+                            dropout=0.0)
+    return knnlm.TransformerLM(cfg).eval()
+
+
+def brute_force(queries, keys, k):
+    dists = ((queries.double()[:, None, :] - keys.double()[None, :, :]) ** 2).sum(-1)
+    return dists.topk(k, dim=1, largest=False)
+
+
+# ---------------------------------------------------------------- 1. data
+
+def test_vocab_maps_rare_and_unseen_words_to_unk(tmp_path):
+    path = tmp_path / "wiki.train.tokens"
+    path.write_text(" a a a b b c \n <unk> a \n", encoding="utf-8")
+    vocab = knnlm.Vocab.build(path, min_freq=2)
+    assert vocab.itos == [knnlm.EOS, knnlm.UNK, "a", "b"]
+    other = tmp_path / "other.tokens"
+    other.write_text(" a c zebra \n", encoding="utf-8")
+    assert vocab.decode(vocab.encode_file(other).tolist()) == "a <unk> <unk> <eos>"
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    write_corpus(tmp_path)
+    os.remove(knnlm.split_path(tmp_path, "valid"))
+    with pytest.raises(FileNotFoundError, match="wiki.valid.tokens"):
+        knnlm.resolve_corpus(str(tmp_path))
+
+
+def test_make_small_cuts_train_at_an_article_boundary(tmp_path):
+    src = write_corpus(tmp_path / "full")
+    full = open(knnlm.split_path(src, "train"), "rb").read()
+    small = knnlm.make_small(src, str(tmp_path / "small"), train_bytes=len(full) // 2)
+    cut = open(knnlm.split_path(small, "train"), "rb").read()
+    assert 0 < len(cut) <= len(full) // 2 and full.startswith(cut)
+    assert full[len(cut):].startswith(b" \n = Article train")  # the next article starts right after
+    assert open(knnlm.split_path(small, "test"), "rb").read() == open(knnlm.split_path(src, "test"), "rb").read()
+
+
+def test_sliding_windows_score_every_target_once_with_min_context():
+    tokens = torch.arange(1000)
+    block, min_context = 32, 20
+    seen = []
+    for x, y, scored in knnlm.sliding_batches(tokens, block, min_context, batch_size=3):
+        assert torch.equal(y[:, :-1][x[:, 1:] != 0], x[:, 1:][x[:, 1:] != 0])  # targets are inputs shifted
+        for row in range(len(x)):
+            positions = scored[row].nonzero()[:, 0]
+            seen += y[row, positions].tolist()
+            context = positions + 1  # tokens x[row, :p + 1] precede target p
+            assert (context >= min_context).all() or x[row, 0] == 0  # only the text's first window is exempt
+    assert seen == list(range(1, 1000))
+    assert knnlm.count_windows(1000, block, min_context) == math.ceil((999 - 20) / 12)
+
+
+# ---------------------------------------------------------------- 2. model
+
+def test_model_returns_every_key_type_of_table_5():
+    model = tiny_model(50)
+    x = torch.randint(50, (2, 10))
+    logits = model(x)
+    for key_type in knnlm.KEY_TYPES:
+        same_logits, keys = model(x, key_type=key_type)
+        assert torch.equal(logits, same_logits) and keys.shape == (2, 10, 16)
+    _, ffn_in = model(x, key_type="ffn_in")
+    _, ffn_in_ln = model(x, key_type="ffn_in_ln")
+    assert torch.allclose(ffn_in_ln, model.blocks[-1].ln_2(ffn_in))  # the default key is after the LayerNorm
+
+
+def test_model_is_causal():
+    model = tiny_model(50)
+    x = torch.randint(50, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 50
+    assert torch.allclose(model(x)[0, :8], model(y)[0, :8], atol=1e-6)
+
+
+# ---------------------------------------------------------------- 3. datastore (eq. 1)
+
+@pytest.fixture
+def built(tmp_path):
+    """A datastore built by a tiny model over a tiny text."""
+    vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK] + WORDS[:18])
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, len(vocab), size=300))
+    model = tiny_model(len(vocab))
+    meta = knnlm.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4,
+                                 progress=False)
+    return model, vocab, tokens, knnlm.Datastore(str(tmp_path / "ds")), meta
+
+
+def test_datastore_stores_every_next_token_as_value(built):
+    model, vocab, tokens, datastore, meta = built
+    assert meta["count"] == len(datastore) == len(tokens) - 1
+    assert torch.equal(datastore.vals, tokens[1:])  # row r holds the target tokens[r + 1]
+    assert meta["model_fingerprint"] == knnlm.fingerprint(model, vocab) and meta["dim"] == 16
+
+
+def test_keys_written_equal_the_models_keys(built):
+    model, vocab, tokens, datastore, meta = built
+    # the target tokens[r + 1] at row r = 100: its window starts at a multiple of the stride
+    r, stride = 100, model.cfg.block_size - meta["min_context"]
+    begin = ((r - meta["min_context"]) // stride) * stride
+    with torch.no_grad():
+        _, keys = model(tokens[None, begin:begin + model.cfg.block_size], key_type="ffn_in_ln")
+    assert torch.allclose(datastore.keys[r].float(), keys[0, r - begin], atol=1e-2, rtol=1e-3)  # float16 storage
+
+
+def test_stored_context_retrieves_itself(built):
+    model, vocab, tokens, datastore, meta = built
+    rows = torch.tensor([3, 50, 120, 298])
+    queries = datastore.keys[rows].float()
+    dists, ids = datastore.search(queries, k=5)
+    assert torch.equal(ids[:, 0], rows) and (dists[:, 0] < 1e-3).all()
+    assert torch.equal(datastore.vals[ids[:, 0]], tokens[rows + 1])
+
+
+# ---------------------------------------------------------------- 4. search
+
+@pytest.mark.parametrize("data", ["random", "clustered"])
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_exact_search_equals_brute_force(data, k):
+    g = torch.Generator().manual_seed(k)
+    if data == "random":
+        keys = torch.randn(1000, 24, generator=g)
+    else:  # tight clusters: many near-equal distances
+        centres = torch.randn(10, 24, generator=g) * 5
+        keys = centres[torch.randint(10, (1000,), generator=g)] + 0.1 * torch.randn(1000, 24, generator=g)
+    queries = keys[:33] + 0.05 * torch.randn(33, 24, generator=g)
+    dists, ids = knnlm.topk_l2(queries, keys, k, key_chunk=128, query_block=10)  # N not a multiple of 128
+    ref_dists, ref_ids = brute_force(queries, keys, k)
+    assert torch.allclose(dists.double(), ref_dists, rtol=1e-4, atol=1e-3)
+    # ids may differ only where two keys are (nearly) tied in distance
+    assert ((ids == ref_ids) | torch.isclose(dists.double(), ref_dists, rtol=1e-4, atol=1e-3)).all()
+    assert torch.allclose(((queries[:, None] - keys[ids]) ** 2).sum(-1), dists, rtol=1e-4, atol=1e-3)
+
+
+def test_search_rejects_bad_k_and_dimension():
+    keys = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="k must be"):
+        knnlm.topk_l2(torch.randn(2, 4), keys, 11)
+    with pytest.raises(ValueError, match="k must be"):
+        knnlm.topk_l2(torch.randn(2, 4), keys, 0)
+    with pytest.raises(ValueError, match="queries must be"):
+        knnlm.topk_l2(torch.randn(2, 5), keys, 3)
+
+
+# ---------------------------------------------------------------- 5. kNN-LM (eqs. 2 and 3)
+
+def test_knn_distribution_sums_weights_per_token():
+    dists = torch.tensor([[1.0, 2.0, 3.0]])
+    vals = torch.tensor([[7, 4, 7]])
+    # by hand: weights exp(-1), exp(-2), exp(-3), normalised; token 7 gets the first and the third
+    z = math.exp(-1) + math.exp(-2) + math.exp(-3)
+    p = knnlm.knn_distribution(dists, vals, vocab_size=10)
+    assert p[0, 7].item() == pytest.approx((math.exp(-1) + math.exp(-3)) / z)
+    assert p[0, 4].item() == pytest.approx(math.exp(-2) / z)
+    assert p.sum().item() == pytest.approx(1.0)
+    log_p7 = knnlm.knn_log_prob(dists, vals, torch.tensor([7]))
+    assert log_p7.item() == pytest.approx(math.log(p[0, 7].item()))
+    # a temperature divides the distances
+    log_p4 = knnlm.knn_log_prob(dists, vals, torch.tensor([4]), temperature=2.0)
+    z2 = math.exp(-0.5) + math.exp(-1) + math.exp(-1.5)
+    assert log_p4.item() == pytest.approx(math.log(math.exp(-1) / z2))
+
+
+def test_token_without_neighbour_gets_zero_knn_probability_without_nan():
+    dists = torch.tensor([[1.0, 2.0]])
+    vals = torch.tensor([[3, 3]])
+    log_p_knn = knnlm.knn_log_prob(dists, vals, torch.tensor([5]))
+    assert log_p_knn.item() == -math.inf
+    mixed = knnlm.interpolate(torch.tensor([math.log(0.2)]), log_p_knn, 0.25)
+    assert mixed.item() == pytest.approx(math.log(0.75 * 0.2))
+    huge = knnlm.knn_log_prob(torch.tensor([[1e4, 2e4]]), vals, torch.tensor([3]))  # far neighbours
+    assert huge.item() == pytest.approx(0.0)
+
+
+def test_interpolation_in_log_space_equals_the_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    p_lm, p_knn = torch.rand(100, generator=g), torch.rand(100, generator=g)
+    for lmbda in [0.0, 0.25, 0.65, 1.0]:
+        direct = lmbda * p_knn + (1 - lmbda) * p_lm
+        assert torch.allclose(knnlm.interpolate(p_lm.log(), p_knn.log(), lmbda).exp(), direct, atol=1e-6)
+
+
+def test_lambda_zero_is_the_lm():
+    log_p_lm = torch.log_softmax(torch.randn(50), 0)
+    log_p_knn = torch.tensor([-math.inf, 0.0, -3.0]).repeat(17)[:50]
+    assert torch.equal(knnlm.interpolate(log_p_lm, log_p_knn, 0.0), log_p_lm)
+
+
+# ---------------------------------------------------------------- 6. evaluation
+
+def test_evaluation_scores_every_token_and_knn_helps_on_memorised_text(built):
+    model, vocab, tokens, datastore, meta = built
+    cache = knnlm.score_split(model, tokens, datastore, k=8, min_context=6, batch_size=4, progress=False)
+    assert torch.equal(cache["targets"], tokens[1:])
+    # the LM scores agree with a plain forward pass at the same positions
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(tokens[None, :16]), -1)[0]
+    assert torch.allclose(cache["log_p_lm"][:15], log_p[torch.arange(15), tokens[1:16]], atol=1e-5)
+    # evaluating on the datastore's own text: each token's nearest neighbour is itself
+    lm = knnlm.perplexity(cache["log_p_lm"])
+    assert knnlm.perplexity(knnlm.knnlm_log_probs(cache, 0.0)) == pytest.approx(lm)
+    assert knnlm.perplexity(knnlm.knnlm_log_probs(cache, 0.5)) < lm / 1.5
+    lmbda, T, ppl, results = knnlm.tune(cache, [0.0, 0.5, 0.9], [1.0, 2.0])
+    assert ppl == min(r[0] for r in results) and len(results) == 6
+
+
+def test_perplexity_of_uniform_distribution_is_vocab_size():
+    assert knnlm.perplexity(torch.full((100,), -math.log(37))) == pytest.approx(37)
