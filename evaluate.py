@@ -42,26 +42,33 @@ parser.add_argument("--batch-size", type=int, default=16, help="windows per forw
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda (default: cuda when present)")
 args = parser.parse_args()
+if not 0 <= args.lmbda <= 1:
+    parser.error(f"--lambda must be in [0, 1], got {args.lmbda}")
+if not args.temperature > 0:
+    parser.error(f"--temperature must be > 0, got {args.temperature}")
+if args.k <= 0:
+    parser.error(f"--k must be positive, got {args.k}")
 
 LAMBDAS = [i / 20 for i in range(20)]  # 0, 0.05, ..., 0.95
 TEMPERATURES = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
 
 start = time.time()
-model, vocab, ckpt = knnlm.load_checkpoint(args.checkpoint, args.device)
-datastore = knnlm.Datastore(args.datastore)
-if datastore.meta["model_fingerprint"] != ckpt["fingerprint"]:
-    sys.exit(f"error: datastore {args.datastore} was built by model {datastore.meta['model_fingerprint']}, "
-             f"not by {args.checkpoint} ({ckpt['fingerprint']})")
-if not 0 < args.k <= len(datastore):
-    sys.exit(f"error: --k must be in [1, {len(datastore)}] (the datastore size), got {args.k}")
-data_dir = knnlm.resolve_corpus(args.data)
+with knnlm.user_errors():
+    model, vocab, ckpt = knnlm.load_checkpoint(args.checkpoint, knnlm.check_device(args.device))
+    datastore = knnlm.Datastore(args.datastore)
+    datastore.check_model(model, vocab, args.checkpoint)
+    if args.k > len(datastore):
+        raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
+    data_dir = knnlm.resolve_corpus(args.data)
+    min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
 print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), "
       f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
 def score(split):
-    tokens = vocab.encode_file(knnlm.split_path(data_dir, split))
-    return knnlm.score_split(model, tokens, datastore, args.k, args.min_context, args.batch_size,
+    with knnlm.user_errors():
+        tokens = vocab.encode_file(knnlm.split_path(data_dir, split))
+    return knnlm.score_split(model, tokens, datastore, args.k, min_context, args.batch_size,
                              key_type=datastore.meta["key_type"], desc=split)
 
 
@@ -71,10 +78,9 @@ if args.tune or args.results:
 if args.tune:
     args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], LAMBDAS, TEMPERATURES)
     print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
-if args.split not in caches:
-    caches[args.split] = score(args.split)
-if args.results:
-    caches.setdefault("test", score("test"))
+for split in [args.split] + (["test"] if args.results else []):
+    if split not in caches:
+        caches[split] = score(split)
 
 lm_ppl, knnlm_ppl = {}, {}
 for split, cache in caches.items():
@@ -89,7 +95,7 @@ if args.results:
         "lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
         "temperature": args.temperature, "backend": args.backend, "datastore_size": len(datastore),
         "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
-        "key_type": datastore.meta["key_type"], "min_context": datastore.meta["min_context"],
+        "key_type": datastore.meta["key_type"], "min_context": min_context,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
         "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv)}, args.results)
     print(f"wrote {args.results}")

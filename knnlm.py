@@ -14,11 +14,13 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
 import zipfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,6 +28,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+class KnnlmError(Exception):
+    """Bad input or mismatched files: the scripts print the message in one line and exit with code 2."""
+
+
+@contextmanager
+def user_errors():
+    """Around a script's work on user input: a KnnlmError ends it with one line and exit code 2."""
+    try:
+        yield
+    except KnnlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_device(device):
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KnnlmError(f"--device {device} was asked for, but this torch build sees no CUDA GPU: use --device cpu")
+    return device
+
 
 # -----------------------------------------------------------------------------
 # 1. Data
@@ -51,17 +73,27 @@ def check_corpus(data_dir):
     """Fail early, with one clear line, unless data_dir holds the three WikiText splits."""
     missing = [split_path(data_dir, s) for s in SPLITS if not os.path.isfile(split_path(data_dir, s))]
     if missing:
-        raise FileNotFoundError(f"{data_dir} is not a WikiText corpus directory: missing "
-                                + ", ".join(missing))
+        raise KnnlmError(f"{data_dir} is not a WikiText corpus directory: missing " + ", ".join(missing))
+    empty = [split_path(data_dir, s) for s in SPLITS if os.path.getsize(split_path(data_dir, s)) == 0]
+    if empty:
+        raise KnnlmError("empty corpus file: " + ", ".join(empty))
     return data_dir
+
+
+def file_fingerprint(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def read_words(path):
     """The tokens of a WikiText file: each line's words, then <eos>."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield from line.split()
-            yield EOS
+        try:
+            for line in f:
+                yield from line.split()
+                yield EOS
+        except UnicodeDecodeError as e:
+            raise KnnlmError(f"{path} is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x})") from None
 
 
 class Vocab:
@@ -89,6 +121,9 @@ class Vocab:
     def decode(self, ids):
         return " ".join(self.itos[i] for i in ids)
 
+    def fingerprint(self):
+        return hashlib.sha256("\n".join(self.itos).encode()).hexdigest()[:16]
+
 
 def download_wikitext(name, root):
     """Download and unpack an official WikiText archive into root/name; returns that directory."""
@@ -110,7 +145,7 @@ def download_wikitext(name, root):
             return check_corpus(target)
         except OSError as e:
             errors.append(f"{url}: {e}")
-    raise RuntimeError(f"could not download {name} (no internet?). Tried:\n  " + "\n  ".join(errors)
+    raise KnnlmError(f"could not download {name} (no internet?). Tried:\n  " + "\n  ".join(errors)
                        + f"\nPut wiki.{{train,valid,test}}.tokens in a directory and pass it with --data.")
 
 
@@ -262,27 +297,46 @@ def fingerprint(model, vocab):
     return h.hexdigest()[:16]
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary name in the same directory, then rename: never half a file."""
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary name beside path, rename it to path once written: a crash
+    never leaves half a file under the final name."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def save_checkpoint(path, model, vocab, **extra):
-    atomic_save({"config": asdict(model.cfg), "model": model.state_dict(), "vocab": vocab.itos,
-                 "fingerprint": fingerprint(model, vocab), **extra}, path)
+    with atomic_write(path) as tmp:
+        torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "vocab": vocab.itos,
+                    "fingerprint": fingerprint(model, vocab), **extra}, tmp)
 
 
 def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode, vocab, the whole checkpoint dict)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with train.py (or pass --checkpoint)")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = TransformerLM(ModelConfig(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), Vocab(ckpt["vocab"]), ckpt
+        raise KnnlmError(f"no checkpoint at {path}: train one with train.py (or pass --checkpoint)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        model = TransformerLM(ModelConfig(**ckpt["config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # truncated, corrupt, or not a checkpoint of this project
+        raise KnnlmError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    vocab = Vocab(ckpt["vocab"])
+    if fingerprint(model, vocab) != ckpt["fingerprint"]:
+        raise KnnlmError(f"checkpoint {path} is corrupt: its weights do not match its fingerprint")
+    return model.eval(), vocab, ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -292,11 +346,19 @@ def load_checkpoint(path, device="cpu"):
 # tokens advance by `block_size - min_context`, and only the targets not yet
 # scored count (the paper: windows of 3072, the last 1536 scored).
 
+def resolve_min_context(min_context, block_size):
+    """None means half the context, as in the paper (1536 of 3072)."""
+    if min_context is None:
+        return block_size // 2
+    if not 0 <= min_context < block_size:
+        raise KnnlmError(f"--min-context must be in [0, {block_size}) for this model's context, got {min_context}")
+    return min_context
+
+
 def sliding_batches(tokens, block_size, min_context, batch_size):
     """Yield (inputs [b, T], targets [b, T], scored [b, T] bool), in text order.
     Over all batches the scored targets are exactly tokens[1:], in order."""
-    if not 0 <= min_context < block_size:
-        raise ValueError(f"min_context must be in [0, block_size={block_size}), got {min_context}")
+    min_context = resolve_min_context(min_context, block_size)
     n, stride = len(tokens), block_size - min_context
     windows, scored_up_to = [], 0  # targets tokens[1 : scored_up_to + 1] are done
     for begin in range(0, n - 1, stride):
@@ -318,10 +380,6 @@ def sliding_batches(tokens, block_size, min_context, batch_size):
         yield x, y, scored
 
 
-def count_windows(n_tokens, block_size, min_context):
-    return max(1, math.ceil((n_tokens - 1 - min_context) / (block_size - min_context)))
-
-
 # -----------------------------------------------------------------------------
 # 3. Datastore (eq. 1)
 # (K, V) = {(f(c_i), w_i) | (c_i, w_i) in D}: one forward pass over a text
@@ -329,42 +387,97 @@ def count_windows(n_tokens, block_size, min_context):
 # Keys are float16 and values int64 in .npy memmaps written chunk by chunk, so
 # the datastore never has to fit in memory. Row r holds the target tokens[r + 1].
 
+def datastore_manifest(model, vocab, n, key_type, min_context, source):
+    """Everything a datastore depends on. A rerun of the build with the same manifest
+    resumes or reuses it; anything else is refused."""
+    return {"count": n, "dim": model.cfg.d_model, "key_dtype": "float16", "key_type": key_type,
+            "model_fingerprint": fingerprint(model, vocab), "vocab_fingerprint": vocab.fingerprint(),
+            "vocab_size": len(vocab), "min_context": min_context, "block_size": model.cfg.block_size,
+            "source": source}
+
+
+def check_same(wanted, found, wanted_name, found_name):
+    """Refuse, in one line naming both sides, the first field where found differs from wanted."""
+    for field, value in wanted.items():
+        if found.get(field) != value:
+            raise KnnlmError(f"{field} differs: {found_name} has {found.get(field)!r}, {wanted_name} has {value!r}")
+
+
 @torch.no_grad()
 def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_context=None,
-                    batch_size=16, source=None, progress=True):
+                    batch_size=16, source=None, progress=True, commit_seconds=10.0):
+    """Write the datastore of `tokens` to out_dir. Progress is committed every commit_seconds
+    (rows flushed to disk first): an interrupted build rerun with the same arguments
+    continues from the last commit and ends byte-identical to an uninterrupted one."""
     cfg = model.cfg
-    min_context = cfg.block_size // 2 if min_context is None else min_context
+    min_context = resolve_min_context(min_context, cfg.block_size)
     device = next(model.parameters()).device
     n = len(tokens) - 1
-    os.makedirs(out_dir, exist_ok=True)
-    keys = np.lib.format.open_memmap(os.path.join(out_dir, "keys.npy"), "w+", np.float16, (n, cfg.d_model))
-    vals = np.lib.format.open_memmap(os.path.join(out_dir, "vals.npy"), "w+", np.int64, (n,))
-    row, start = 0, time.time()
-    bar = tqdm(total=n, unit="tok", desc="datastore", disable=not progress)
-    for x, y, scored in sliding_batches(tokens, cfg.block_size, min_context, batch_size):
+    if n < 1:
+        raise KnnlmError(f"{source}: a datastore needs at least two tokens, got {len(tokens)}")
+    manifest = datastore_manifest(model, vocab, n, key_type, min_context, source)
+    meta_path, progress_path = os.path.join(out_dir, "meta.json"), os.path.join(out_dir, "progress.json")
+    if os.path.isfile(meta_path):  # finished before: reuse it if it is the same datastore
+        check_same(manifest, read_json(meta_path), "this build", f"the datastore in {out_dir}")
+        print(f"{out_dir} already holds this datastore")
+        return manifest
+    if os.path.isfile(progress_path):  # interrupted before: continue it if it is the same build
+        done = read_json(progress_path)
+        check_same(manifest, done["manifest"], "this build", f"the interrupted build in {out_dir}")
+        print(f"resuming at row {done['rows']:,} of {n:,}")
+        mode = "r+"
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        check_disk_space(out_dir, n * (cfg.d_model * 2 + 8))
+        done, mode = {"manifest": manifest, "batches": 0, "rows": 0}, "w+"
+    keys = open_npy(os.path.join(out_dir, "keys.npy"), mode, np.float16, (n, cfg.d_model))
+    vals = open_npy(os.path.join(out_dir, "vals.npy"), mode, np.int64, (n,))
+    row, start, last_commit = done["rows"], time.time(), time.time()
+    bar = tqdm(total=n, initial=row, unit="tok", desc="datastore", disable=not progress)
+    batches = sliding_batches(tokens, cfg.block_size, min_context, batch_size)
+    for i, (x, y, scored) in enumerate(batches):
+        if i < done["batches"]:
+            continue
         _, k = model(x.to(device), key_type=key_type)
         k, v = k[scored.to(device)].cpu(), y[scored]
+        if not torch.isfinite(k).all():
+            raise KnnlmError(f"the model gives NaN or infinite keys at datastore row {row}: is the checkpoint broken?")
         keys[row:row + len(v)] = k.numpy()
         vals[row:row + len(v)] = v.numpy()
         row += len(v)
         bar.update(len(v))
-        bar.set_postfix(tok_per_s=f"{row / (time.time() - start):.0f}")
+        bar.set_postfix(tok_per_s=f"{(row - done['rows']) / (time.time() - start):.0f}")
+        if time.time() - last_commit > commit_seconds or row == n:
+            keys.flush(), vals.flush()  # the rows reach the disk before the progress that counts them
+            write_json({"manifest": manifest, "batches": i + 1, "rows": row}, progress_path)
+            last_commit = time.time()
     bar.close()
     assert row == n, (row, n)
-    keys.flush(), vals.flush()
-    meta = {"count": n, "dim": cfg.d_model, "key_dtype": "float16", "key_type": key_type,
-            "vocab_size": len(vocab), "model_fingerprint": fingerprint(model, vocab),
-            "min_context": min_context, "block_size": cfg.block_size, "source": source}
-    write_json(meta, os.path.join(out_dir, "meta.json"))
-    return meta
+    write_json(manifest, meta_path)
+    os.remove(progress_path)
+    return manifest
 
 
-def write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+def open_npy(path, mode, dtype, shape):
+    try:
+        return np.lib.format.open_memmap(path, mode, dtype, shape)
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"cannot open {path}: {e}") from None
+
+
+def check_disk_space(path, needed):
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise KnnlmError(f"not enough disk space in {path}: the datastore needs {needed / 1e9:.2f} GB, "
+                         f"{free / 1e9:.2f} GB are free")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"cannot read {path}: {e}") from None
 
 
 class Datastore:
@@ -373,19 +486,35 @@ class Datastore:
     def __init__(self, path):
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"no datastore at {path} (missing meta.json): build one with build_datastore.py")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        # mode "c" (copy-on-write) gives writable arrays for torch without ever touching the files
-        self.keys = torch.from_numpy(np.load(os.path.join(path, "keys.npy"), mmap_mode="c"))
-        self.vals = torch.from_numpy(np.load(os.path.join(path, "vals.npy"), mmap_mode="c"))
-        if self.keys.shape != (self.meta["count"], self.meta["dim"]) or len(self.vals) != self.meta["count"]:
-            raise ValueError(f"datastore {path}: files do not match meta.json "
-                             f"(keys {tuple(self.keys.shape)}, vals {len(self.vals)}, meta count {self.meta['count']})")
+            unfinished = os.path.isfile(os.path.join(path, "progress.json"))
+            raise KnnlmError(f"the datastore build in {path} was interrupted: rerun build_datastore.py with the "
+                             "same arguments to finish it" if unfinished else
+                             f"no datastore at {path} (no meta.json): build one with build_datastore.py")
+        self.meta = read_json(meta_path)
+        try:  # mode "c" (copy-on-write) gives torch writable arrays without ever touching the files
+            keys = np.load(os.path.join(path, "keys.npy"), mmap_mode="c")
+            vals = np.load(os.path.join(path, "vals.npy"), mmap_mode="c")
+        except (OSError, ValueError) as e:
+            raise KnnlmError(f"datastore {path} is corrupt or truncated: {e}") from None
+        found = {"count": len(keys), "dim": keys.shape[1] if keys.ndim == 2 else None, "key_dtype": str(keys.dtype)}
+        check_same({f: self.meta.get(f) for f in found}, found, f"{path}/meta.json", f"{path}/keys.npy")
+        check_same({"count": self.meta["count"]}, {"count": len(vals)}, f"{path}/meta.json", f"{path}/vals.npy")
+        if self.meta["key_type"] not in KEY_TYPES:
+            raise KnnlmError(f"datastore {path} has an unknown key type {self.meta['key_type']!r}")
+        self.keys, self.vals = torch.from_numpy(keys), torch.from_numpy(vals)
         self.key_norms = squared_norms(self.keys)
+        if not torch.isfinite(self.key_norms).all():
+            bad = (~torch.isfinite(self.key_norms)).nonzero()[0, 0].item()
+            raise KnnlmError(f"datastore {path} has NaN or infinite keys (first at row {bad})")
 
     def __len__(self):
         return len(self.vals)
+
+    def check_model(self, model, vocab, name="the model"):
+        """Refuse a model this datastore was not built by (a datastore of another corpus is fine)."""
+        wanted = {"dim": model.cfg.d_model, "vocab_fingerprint": vocab.fingerprint(),
+                  "model_fingerprint": fingerprint(model, vocab)}
+        check_same(wanted, self.meta, name, "the datastore")
 
     def search(self, queries, k):
         """queries [B, d] -> (squared distances [B, k] ascending, ids [B, k])."""
@@ -480,7 +609,6 @@ def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_s
                 key_type="ffn_in_ln", progress=True, desc="evaluate"):
     """-> dict with targets [n], log_p_lm [n], and with a datastore dists [n, k], neighbour_vals [n, k]."""
     cfg = model.cfg
-    min_context = cfg.block_size // 2 if min_context is None else min_context
     device = next(model.parameters()).device
     out = {"targets": [], "log_p_lm": [], "dists": [], "neighbour_vals": []}
     bar = tqdm(total=len(tokens) - 1, unit="tok", desc=desc, disable=not progress)
@@ -494,7 +622,7 @@ def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_s
         if datastore is not None:
             dists, ids = datastore.search(keys[scored].float(), k)
             out["dists"].append(dists.cpu())
-            out["neighbour_vals"].append(datastore.vals[ids.cpu()])
+            out["neighbour_vals"].append(datastore.vals[ids.cpu()].int())  # int32: half the memory
         bar.update(len(targets))
     bar.close()
     return {name: torch.cat(parts) for name, parts in out.items() if parts}

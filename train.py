@@ -5,13 +5,16 @@ Train the Transformer LM that kNN-LM builds on.
 
 The defaults train a 4-layer, 256-wide model on the 0.5 M-token WikiText-103-small
 training split in about 15 minutes on a 2-core CPU; the best checkpoint by
-validation perplexity is written to --out (atomically). --preset picks larger configs.
+validation perplexity is written to --out (atomically), and at every validation the
+latest state (weights, optimizer, schedule step, random state) to --out's .last.pt,
+from which --resume continues. --preset picks larger configs.
 """
 import argparse
 import math
 import os
 import random
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -51,29 +54,51 @@ parser.add_argument("--eval-tokens", type=int, default=50_000,
 parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda (default: cuda when present)")
+parser.add_argument("--resume", action="store_true",
+                    help="continue from --out's .last.pt: weights, optimizer, schedule step and random state")
 args = parser.parse_args()
+last_path = os.path.splitext(args.out)[0] + ".last.pt"
 
 random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-
-# data
-data_dir = knnlm.resolve_corpus(args.data)
-vocab = knnlm.Vocab.build(knnlm.split_path(data_dir, "train"), args.min_freq, args.max_vocab)
-train = vocab.encode_file(knnlm.split_path(data_dir, "train"))
-valid = vocab.encode_file(knnlm.split_path(data_dir, "valid"))[:args.eval_tokens]
-print(f"vocabulary {len(vocab)} words, train {len(train):,} tokens, validating on {len(valid):,} tokens")
-
-# model
 n_layer, n_head, d_model, block_size = PRESETS[args.preset]
-cfg = knnlm.ModelConfig(vocab_size=len(vocab), block_size=block_size, n_layer=n_layer, n_head=n_head,
-                        d_model=d_model, dropout=args.dropout)
-model = knnlm.TransformerLM(cfg).to(args.device)
-print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {cfg}")
+with knnlm.user_errors():
+    # data
+    knnlm.check_device(args.device)
+    data_dir = knnlm.resolve_corpus(args.data)
+    vocab = knnlm.Vocab.build(knnlm.split_path(data_dir, "train"), args.min_freq, args.max_vocab)
+    train = vocab.encode_file(knnlm.split_path(data_dir, "train"))
+    corpus = {"file": knnlm.split_path(data_dir, "train"), "sha256": knnlm.file_fingerprint(knnlm.split_path(data_dir, "train"))}
+    valid = vocab.encode_file(knnlm.split_path(data_dir, "valid"))[:args.eval_tokens]
+    if len(train) < block_size + 2 or len(valid) < 2:
+        raise knnlm.KnnlmError(f"{data_dir}: train has {len(train)} tokens and valid {len(valid)}; "
+                               f"training needs more than the context of {block_size} tokens")
+    print(f"vocabulary {len(vocab)} words, train {len(train):,} tokens, validating on {len(valid):,} tokens")
 
-# optimizer: weight decay on matrices only, not on biases and LayerNorm gains
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    # model
+    cfg = knnlm.ModelConfig(vocab_size=len(vocab), block_size=block_size, n_layer=n_layer, n_head=n_head,
+                            d_model=d_model, dropout=args.dropout)
+    model = knnlm.TransformerLM(cfg).to(args.device)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {cfg}")
+
+    # optimizer: weight decay on matrices only, not on biases and LayerNorm gains
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    first_step, best_ppl = 0, math.inf
+    if args.resume:
+        _, last_vocab, last = knnlm.load_checkpoint(last_path, args.device)
+        knnlm.check_same({"config": asdict(cfg), "vocab": vocab.fingerprint(), "corpus": corpus["sha256"]},
+                         {"config": last["config"], "vocab": last_vocab.fingerprint(), "corpus": last["corpus"]["sha256"]},
+                         "these arguments", last_path)
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        first_step, best_ppl = last["step"], last["best_ppl"]
+        torch.set_rng_state(last["rng"])
+        if "cuda_rng" in last:
+            torch.cuda.set_rng_state_all(last["cuda_rng"])
+        print(f"resuming {last_path} at step {first_step} (best valid ppl {best_ppl:.2f})")
 
 
 def learning_rate(step):
@@ -100,8 +125,8 @@ def validation_ppl():
 
 
 # training loop
-best_ppl, start = math.inf, time.time()
-bar = tqdm(range(args.max_iters), desc="train", unit="step")
+start = time.time()
+bar = tqdm(range(first_step, args.max_iters), desc="train", unit="step", initial=first_step, total=args.max_iters)
 for step in bar:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step)
@@ -111,12 +136,16 @@ for step in bar:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
-    bar.set_postfix(loss=f"{loss.item():.3f}", tok_per_s=f"{(step + 1) * x.numel() / (time.time() - start):.0f}")
+    bar.set_postfix(loss=f"{loss.item():.3f}",
+                    tok_per_s=f"{(step + 1 - first_step) * x.numel() / (time.time() - start):.0f}")
     if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
         ppl = validation_ppl()
         if ppl < best_ppl:
             best_ppl = ppl
-            knnlm.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, args=vars(args))
+            knnlm.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
+        cuda_rng = {"cuda_rng": torch.cuda.get_rng_state_all()} if args.device.startswith("cuda") else {}
+        knnlm.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl, corpus=corpus,
+                              optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **cuda_rng, args=vars(args))
         tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, valid ppl {ppl:.2f} "
                    f"(best {best_ppl:.2f}), {time.time() - start:.0f}s")
 print(f"best valid perplexity {best_ppl:.2f} (on the first {len(valid):,} valid tokens), saved to {args.out}")

@@ -7,29 +7,7 @@ import pytest
 import torch
 
 import knnlm
-
-WORDS = "the cat sat on a mat and the dog ran to the park while it rained on the town".split()
-
-
-def write_corpus(dir, n_lines=(60, 12, 12), seed=0):
-    """A small WikiText-format corpus: article headings, paragraphs, blank lines."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(dir, exist_ok=True)
-    for split, n in zip(knnlm.SPLITS, n_lines):
-        with open(knnlm.split_path(dir, split), "w", encoding="utf-8") as f:
-            for i in range(n):
-                if i % 10 == 0:
-                    f.write(f" \n = Article {split} {i} = \n \n")
-                f.write(" " + " ".join(rng.choice(WORDS, size=rng.integers(5, 30))) + " \n")
-    return str(dir)
-
-
-def tiny_model(vocab_size, block_size=16, seed=0):
-    torch.manual_seed(seed)
-    cfg = knnlm.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=16,
-                            dropout=0.0)
-    return knnlm.TransformerLM(cfg).eval()
-
+from helpers import WORDS, tiny_model, write_corpus
 
 def brute_force(queries, keys, k):
     dists = ((queries.double()[:, None, :] - keys.double()[None, :, :]) ** 2).sum(-1)
@@ -51,7 +29,7 @@ def test_vocab_maps_rare_and_unseen_words_to_unk(tmp_path):
 def test_missing_split_is_a_clear_error(tmp_path):
     write_corpus(tmp_path)
     os.remove(knnlm.split_path(tmp_path, "valid"))
-    with pytest.raises(FileNotFoundError, match="wiki.valid.tokens"):
+    with pytest.raises(knnlm.KnnlmError, match="wiki.valid.tokens"):
         knnlm.resolve_corpus(str(tmp_path))
 
 
@@ -77,7 +55,6 @@ def test_sliding_windows_score_every_target_once_with_min_context():
             context = positions + 1  # tokens x[row, :p + 1] precede target p
             assert (context >= min_context).all() or x[row, 0] == 0  # only the text's first window is exempt
     assert seen == list(range(1, 1000))
-    assert knnlm.count_windows(1000, block, min_context) == math.ceil((999 - 20) / 12)
 
 
 # ---------------------------------------------------------------- 2. model
@@ -235,3 +212,40 @@ def test_evaluation_scores_every_token_and_knn_helps_on_memorised_text(built):
 
 def test_perplexity_of_uniform_distribution_is_vocab_size():
     assert knnlm.perplexity(torch.full((100,), -math.log(37))) == pytest.approx(37)
+
+
+def test_download_unpacks_the_official_archive_layout(tmp_path, monkeypatch):
+    src = write_corpus(tmp_path / "src")
+
+    def fake_urlretrieve(url, filename, reporthook=None):  # the archive holds wikitext-103/wiki.*.tokens
+        import zipfile
+        with zipfile.ZipFile(filename, "w") as z:
+            for split in knnlm.SPLITS:
+                z.write(knnlm.split_path(src, split), f"wikitext-103/wiki.{split}.tokens")
+        reporthook(1, os.path.getsize(filename), os.path.getsize(filename))
+
+    monkeypatch.setattr(knnlm.urllib.request, "urlretrieve", fake_urlretrieve)
+    small = knnlm.resolve_corpus(str(tmp_path / "data" / "wikitext-103-small"))
+    assert os.path.isfile(tmp_path / "data" / "wikitext-103" / "wiki.train.tokens")
+    assert open(knnlm.split_path(small, "valid")).read() == open(knnlm.split_path(src, "valid")).read()
+
+
+def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    def offline(url, filename, reporthook=None):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(knnlm.urllib.request, "urlretrieve", offline)
+    with pytest.raises(knnlm.KnnlmError, match="pass it with --data"):
+        knnlm.resolve_corpus(str(tmp_path / "wikitext-2"))
+
+
+REAL = os.environ.get("KNNLM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                 "wikitext-103-small"))
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="no real WikiText-103-small beside the checkout")
+def test_real_wikitext_token_counts():
+    """The official valid and test splits have 217,646 and 245,569 tokens (words + one <eos> a line)."""
+    vocab = knnlm.Vocab.build(knnlm.split_path(REAL, "train"), min_freq=3)
+    assert len(vocab.encode_file(knnlm.split_path(REAL, "valid"))) == 217_646
+    assert len(vocab.encode_file(knnlm.split_path(REAL, "test"))) == 245_569

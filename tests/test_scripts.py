@@ -1,19 +1,8 @@
 """The three scripts end to end, as a user runs them, on a corpus the test writes."""
 import json
 import os
-import subprocess
-import sys
 
-from test_knnlm import write_corpus
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(script, *args, cwd):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+from helpers import run, write_corpus
 
 
 def test_train_build_datastore_evaluate(tmp_path):
@@ -21,13 +10,13 @@ def test_train_build_datastore_evaluate(tmp_path):
     run("train.py", "--data", data, "--preset", "tiny", "--max-iters", "30", "--eval-interval", "10",
         "--batch-size", "4", "--warmup-iters", "5", cwd=tmp_path)
     assert os.path.isfile(tmp_path / "runs" / "model.pt")
-    out = run("build_datastore.py", "--data", data, cwd=tmp_path)
+    out = run("build_datastore.py", "--data", data, cwd=tmp_path).stdout
     meta = json.load(open(tmp_path / "runs" / "datastore" / "meta.json"))
     assert f"wrote {meta['count']:,} keys" in out and meta["key_type"] == "ffn_in_ln"
     # the paper's headline command, with the defaults finding the model and the datastore
-    out = run("evaluate.py", "--data", data, "--k", "1024", "--lambda", "0.25", cwd=tmp_path)
+    out = run("evaluate.py", "--data", data, "--k", "1024", "--lambda", "0.25", cwd=tmp_path).stdout
     assert "test:" in out and "kNN-LM ppl" in out
-    out = run("evaluate.py", "--data", data, "--k", "64", "--tune", "--results", "r.json", cwd=tmp_path)
+    run("evaluate.py", "--data", data, "--k", "64", "--tune", "--results", "r.json", cwd=tmp_path)
     results = json.load(open(tmp_path / "r.json"))
     assert set(results["lm_ppl"]) == set(results["knnlm_ppl"]) == {"valid", "test"}
     assert results["datastore_size"] == meta["count"] and results["k"] == 64
