@@ -65,9 +65,10 @@ with knnlm.user_errors():
     # data
     knnlm.check_device(args.device)
     data_dir = knnlm.resolve_corpus(args.data)
-    vocab = knnlm.Vocab.build(knnlm.split_path(data_dir, "train"), args.min_freq, args.max_vocab)
-    train = vocab.encode_file(knnlm.split_path(data_dir, "train"))
-    corpus = {"file": knnlm.split_path(data_dir, "train"), "sha256": knnlm.file_fingerprint(knnlm.split_path(data_dir, "train"))}
+    train_path = knnlm.split_path(data_dir, "train")
+    vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)
+    train = vocab.encode_file(train_path)
+    corpus = {"file": train_path, "sha256": knnlm.file_fingerprint(train_path)}
     valid = vocab.encode_file(knnlm.split_path(data_dir, "valid"))[:args.eval_tokens]
     if len(train) < block_size + 2 or len(valid) < 2:
         raise knnlm.KnnlmError(f"{data_dir}: train has {len(train)} tokens and valid {len(valid)}; "
