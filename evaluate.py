@@ -30,8 +30,9 @@ parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25,
                     help="interpolation weight of p_kNN (default: %(default)s, the paper's in-domain value)")
 parser.add_argument("--temperature", type=float, default=1.0,
                     help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, as in the paper)")
-parser.add_argument("--backend", default="torch", choices=["torch"],
-                    help="nearest-neighbour search: torch = exact, chunked matmul + top-k (default: %(default)s)")
+parser.add_argument("--backend", default="auto", choices=knnlm.SEARCH_BACKENDS,
+                    help="exact nearest-neighbour search: torch = chunked matmul + top-k in PyTorch, ext = the C++ "
+                         "kernel of csrc/, auto = ext when built (default: %(default)s)")
 parser.add_argument("--tune", action="store_true",
                     help="choose λ and temperature on the valid split, then evaluate --split with them")
 parser.add_argument("--results", default=None, help="also write valid and test perplexities to this JSON file")
@@ -59,6 +60,9 @@ with knnlm.user_errors():
     datastore.check_model(model, vocab, args.checkpoint)
     if args.k > len(datastore):
         raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
+    if args.backend == "ext" and knnlm.knnlm_ext is None:
+        raise knnlm.KnnlmError("--backend ext: the C++ search kernel is not built; run "
+                               "`pip install --no-build-isolation -e .` or use --backend torch")
     data_dir = knnlm.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
 print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), "
@@ -69,7 +73,7 @@ def score(split):
     with knnlm.user_errors():
         tokens = vocab.encode_file(knnlm.split_path(data_dir, split))
     return knnlm.score_split(model, tokens, datastore, args.k, min_context, args.batch_size,
-                             key_type=datastore.meta["key_type"], desc=split)
+                             key_type=datastore.meta["key_type"], backend=args.backend, desc=split)
 
 
 caches = {}

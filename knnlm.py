@@ -29,6 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+try:  # the C++/CUDA search kernel of csrc/, built by `pip install --no-build-isolation -e .`
+    import knnlm_ext
+except ImportError:
+    knnlm_ext = None
+
 class KnnlmError(Exception):
     """Bad input or mismatched files: the scripts print the message in one line and exit with code 2."""
 
@@ -516,35 +521,69 @@ class Datastore:
                   "model_fingerprint": fingerprint(model, vocab)}
         check_same(wanted, self.meta, name, "the datastore")
 
-    def search(self, queries, k):
+    def search(self, queries, k, backend="auto"):
         """queries [B, d] -> (squared distances [B, k] ascending, ids [B, k])."""
-        return topk_l2(queries, self.keys, k, key_norms=self.key_norms)
+        return topk_l2(queries, self.keys, k, key_norms=self.key_norms, backend=backend)
 
 
 # -----------------------------------------------------------------------------
 # 4. Search
-# Exact k-nearest-neighbour search by squared L2 distance, in plain PyTorch:
+# Exact k-nearest-neighbour search by squared L2 distance:
 #     ||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2
 # with the key norms computed once, the inner products by one matmul per chunk
 # of keys, a top-k per chunk, and a merge with the best found so far.
 # float16 keys are converted to float32 chunk by chunk (CPU fp16 matmul is slow).
+# topk_l2_torch is the readable reference; csrc/ holds the same steps as a C++
+# kernel (and a CUDA one) with a cheaper selection, used when it is built.
+# Ties go to the smaller id.
+
+SEARCH_BACKENDS = ("auto", "torch", "ext")
+
 
 def squared_norms(keys, chunk_size=1 << 16):
     return torch.cat([keys[i:i + chunk_size].float().pow(2).sum(1) for i in range(0, len(keys), chunk_size)])
 
 
-def topk_l2(queries, keys, k, key_norms=None, key_chunk=1 << 18, query_block=256):
-    """The k keys nearest to each query. queries [B, d] float32, keys [N, d] float16/32.
-    Returns (dists [B, k] float32 ascending, ids [B, k] int64)."""
+def topk_l2(queries, keys, k, key_norms=None, backend="auto"):
+    """The k keys nearest to each query. queries [B, d] float32, keys [N, d] float16/32,
+    key_norms [N] float32 (computed when not given). Returns (dists [B, k] float32 ascending,
+    ids [B, k] int64). backend: "torch", "ext" (the kernel of csrc/) or "auto" (ext when built)."""
+    if keys.dim() != 2:
+        raise ValueError(f"keys must be [N, d], got {tuple(keys.shape)}")
     N, d = keys.shape
     if queries.dim() != 2 or queries.shape[1] != d:
-        raise ValueError(f"queries must be [B, {d}], got {tuple(queries.shape)}")
+        raise ValueError(f"queries must be [B, {d}] like the keys, got {tuple(queries.shape)}")
     if not 0 < k <= N:
         raise ValueError(f"k must be in [1, {N}] (the number of keys), got {k}")
+    if queries.dtype != torch.float32:
+        raise TypeError(f"queries must be float32, got {queries.dtype}")
+    if keys.dtype not in (torch.float16, torch.float32):
+        raise TypeError(f"keys must be float16 or float32, got {keys.dtype}")
     if key_norms is None:
         key_norms = squared_norms(keys)
-    queries, device = queries.float(), queries.device
-    B = len(queries)
+    if key_norms.dtype != torch.float32 or key_norms.shape != (N,):
+        raise TypeError(f"key_norms must be float32 [{N}], got {key_norms.dtype} {list(key_norms.shape)}")
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(SEARCH_BACKENDS)}, got {backend!r}")
+    same_device = queries.device == keys.device == key_norms.device
+    if backend == "auto":
+        usable = knnlm_ext is not None and same_device and (queries.device.type == "cpu" or (
+            queries.device.type == "cuda" and knnlm_ext.cuda and k <= knnlm_ext.CUDA_MAX_K))
+        backend = "ext" if usable else "torch"
+    if backend == "torch":
+        return topk_l2_torch(queries, keys, k, key_norms)
+    if knnlm_ext is None:
+        raise KnnlmError("the C++ search kernel is not built: run `pip install --no-build-isolation -e .`")
+    if not same_device:
+        raise ValueError(f"queries, keys and key_norms must be on one device for the kernel, got "
+                         f"{queries.device}, {keys.device}, {key_norms.device}")
+    return knnlm_ext.topk_l2(queries, keys, k, key_norms)
+
+
+def topk_l2_torch(queries, keys, k, key_norms, key_chunk=1 << 18, query_block=256):
+    """topk_l2 in plain PyTorch. The keys may live on the CPU (a memmap) with the queries on a GPU."""
+    N, d = keys.shape
+    B, device = len(queries), queries.device
     best_dists = torch.full((B, 0), math.inf, device=device)              # [B, <=k]
     best_ids = torch.zeros((B, 0), dtype=torch.long, device=device)
     # buffers reused across chunks: fresh memory is slow to touch
@@ -566,9 +605,10 @@ def topk_l2(queries, keys, k, key_norms=None, key_chunk=1 << 18, query_block=256
         if best_dists.shape[1] > k:  # merge: keep the k best seen so far
             best_dists, pos = best_dists.topk(k, dim=1, largest=False, sorted=False)
             best_ids = best_ids.gather(1, pos)
-    best_dists, order = best_dists.sort(dim=1)
+    best_ids, order = best_ids.sort(dim=1)  # ascending by distance, ties by id
+    best_dists, order2 = best_dists.gather(1, order).sort(dim=1, stable=True)
     best_dists += queries.pow(2).sum(1, keepdim=True)
-    return best_dists.clamp_(min=0), best_ids.gather(1, order)
+    return best_dists.clamp_(min=0), best_ids.gather(1, order2)
 
 
 # -----------------------------------------------------------------------------
@@ -606,7 +646,7 @@ def interpolate(log_p_lm, log_p_knn, lmbda):
 
 @torch.no_grad()
 def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_size=16,
-                key_type="ffn_in_ln", progress=True, desc="evaluate"):
+                key_type="ffn_in_ln", backend="auto", progress=True, desc="evaluate"):
     """-> dict with targets [n], log_p_lm [n], and with a datastore dists [n, k], neighbour_vals [n, k]."""
     cfg = model.cfg
     device = next(model.parameters()).device
@@ -620,7 +660,7 @@ def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_s
         out["targets"].append(targets.cpu())
         out["log_p_lm"].append(log_p.gather(1, targets[:, None])[:, 0].cpu())
         if datastore is not None:
-            dists, ids = datastore.search(keys[scored].float(), k)
+            dists, ids = datastore.search(keys[scored].float(), k, backend)
             out["dists"].append(dists.cpu())
             out["neighbour_vals"].append(datastore.vals[ids.cpu()].int())  # int32: half the memory
         bar.update(len(targets))

@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 data=${1:-data/wikitext-103-small}
 pip install -r requirements.txt
+pip install --no-build-isolation -e .   # the C++ search kernel of csrc/
 python train.py --data "$data"
 python build_datastore.py --data "$data"
 python evaluate.py --data "$data" --k 1024 --tune --results "results/$(basename "$data").json"

@@ -9,10 +9,6 @@ import torch
 import knnlm
 from helpers import WORDS, tiny_model, write_corpus
 
-def brute_force(queries, keys, k):
-    dists = ((queries.double()[:, None, :] - keys.double()[None, :, :]) ** 2).sum(-1)
-    return dists.topk(k, dim=1, largest=False)
-
 
 # ---------------------------------------------------------------- 1. data
 
@@ -118,34 +114,7 @@ def test_stored_context_retrieves_itself(built):
     assert torch.equal(datastore.vals[ids[:, 0]], tokens[rows + 1])
 
 
-# ---------------------------------------------------------------- 4. search
-
-@pytest.mark.parametrize("data", ["random", "clustered"])
-@pytest.mark.parametrize("k", [1, 7, 300])
-def test_exact_search_equals_brute_force(data, k):
-    g = torch.Generator().manual_seed(k)
-    if data == "random":
-        keys = torch.randn(1000, 24, generator=g)
-    else:  # tight clusters: many near-equal distances
-        centres = torch.randn(10, 24, generator=g) * 5
-        keys = centres[torch.randint(10, (1000,), generator=g)] + 0.1 * torch.randn(1000, 24, generator=g)
-    queries = keys[:33] + 0.05 * torch.randn(33, 24, generator=g)
-    dists, ids = knnlm.topk_l2(queries, keys, k, key_chunk=128, query_block=10)  # N not a multiple of 128
-    ref_dists, ref_ids = brute_force(queries, keys, k)
-    assert torch.allclose(dists.double(), ref_dists, rtol=1e-4, atol=1e-3)
-    # ids may differ only where two keys are (nearly) tied in distance
-    assert ((ids == ref_ids) | torch.isclose(dists.double(), ref_dists, rtol=1e-4, atol=1e-3)).all()
-    assert torch.allclose(((queries[:, None] - keys[ids]) ** 2).sum(-1), dists, rtol=1e-4, atol=1e-3)
-
-
-def test_search_rejects_bad_k_and_dimension():
-    keys = torch.randn(10, 4)
-    with pytest.raises(ValueError, match="k must be"):
-        knnlm.topk_l2(torch.randn(2, 4), keys, 11)
-    with pytest.raises(ValueError, match="k must be"):
-        knnlm.topk_l2(torch.randn(2, 4), keys, 0)
-    with pytest.raises(ValueError, match="queries must be"):
-        knnlm.topk_l2(torch.randn(2, 5), keys, 3)
+# ---------------------------------------------------------------- 4. search: tests/test_search.py
 
 
 # ---------------------------------------------------------------- 5. kNN-LM (eqs. 2 and 3)
@@ -208,6 +177,16 @@ def test_evaluation_scores_every_token_and_knn_helps_on_memorised_text(built):
     assert knnlm.perplexity(knnlm.knnlm_log_probs(cache, 0.5)) < lm / 1.5
     lmbda, T, ppl, results = knnlm.tune(cache, [0.0, 0.5, 0.9], [1.0, 2.0])
     assert ppl == min(r[0] for r in results) and len(results) == 6
+
+
+@pytest.mark.skipif(knnlm.knnlm_ext is None, reason="knnlm_ext not built")
+def test_evaluation_is_the_same_with_either_search_backend(built):
+    model, vocab, tokens, datastore, meta = built
+    caches = [knnlm.score_split(model, tokens, datastore, k=32, min_context=6, batch_size=4, backend=backend,
+                                progress=False) for backend in ("torch", "ext")]
+    assert torch.allclose(caches[0]["dists"], caches[1]["dists"], rtol=1e-5, atol=1e-5)
+    ppl = [knnlm.perplexity(knnlm.knnlm_log_probs(cache, 0.25)) for cache in caches]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)
 
 
 def test_perplexity_of_uniform_distribution_is_vocab_size():

@@ -1,0 +1,251 @@
+// Batched exact top-k search by squared L2 distance: the CPU kernel, and the
+// binding of it and of the CUDA kernel (topk_l2_cuda.cu) to Python.
+//
+// It mirrors topk_l2_torch in knnlm.py step by step:
+//     ||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2
+// 1. the inner products q.k of a block of queries with a chunk of keys by one
+//    GEMM (ATen, so MKL/OpenBLAS); float16 keys are converted to float32 a chunk
+//    at a time first (fp16 matmul on the CPU is slow); each thread takes its
+//    share of the queries through all the keys;
+// 2. per query, selection of the k smallest ||k||^2 - 2 q.k: a buffer of up to
+//    2k candidates and a running threshold, the k-th best distance so far, so
+//    that most keys are rejected with one compare (FAISS keeps a size-k heap
+//    instead; a buffer cut back by nth_element is cheaper per accepted key);
+// 3. ||q||^2 is the same for every key of a query: added after selection.
+// Equal distances go to the smaller id, so the order of the keys decides every tie.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "topk_l2_cuda.h"
+
+namespace {
+
+// A candidate is one 64-bit integer that sorts like the pair (dist, id): the float's
+// bits made to sort as unsigned integers, then the id. So ids must fit in 32 bits.
+inline uint64_t candidate(float dist, int64_t id) {
+  uint32_t bits;
+  dist += 0.0f;  // -0 -> +0: the two compare equal as floats, so they must here
+  std::memcpy(&bits, &dist, sizeof bits);
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (uint64_t(bits) << 32) | uint64_t(id);
+}
+
+inline float candidate_dist(uint64_t c) {
+  uint32_t bits = uint32_t(c >> 32);
+  bits = (bits & 0x80000000u) ? (bits & 0x7fffffffu) : ~bits;
+  float dist;
+  std::memcpy(&dist, &bits, sizeof dist);
+  return dist;
+}
+
+inline int64_t candidate_id(uint64_t c) { return int64_t(c & 0xffffffffu); }
+
+// dists[t] = key_norms[t] - 2 ips[t] for a block of W keys; returns a bit mask of
+// those below the threshold. With SSE (the x86-64 baseline) one branch tests W keys;
+// compilers do not vectorise this loop by themselves.
+constexpr int64_t W = 16;
+inline uint32_t block_dists(const float* ips, const float* key_norms, float threshold, float* dists) {
+  uint32_t below = 0;
+#if defined(__SSE2__)
+  const __m128 bound = _mm_set1_ps(threshold);
+  for (int64_t t = 0; t < W; t += 4) {
+    const __m128 ip = _mm_loadu_ps(ips + t);
+    const __m128 dist = _mm_sub_ps(_mm_loadu_ps(key_norms + t), _mm_add_ps(ip, ip));
+    _mm_storeu_ps(dists + t, dist);
+    below |= uint32_t(_mm_movemask_ps(_mm_cmplt_ps(dist, bound))) << t;
+  }
+#else
+  for (int64_t t = 0; t < W; ++t) {
+    dists[t] = key_norms[t] - 2.0f * ips[t];
+    below |= uint32_t(dists[t] < threshold) << t;
+  }
+#endif
+  return below;
+}
+
+// The k best (dist, id) seen so far by one query. Keys arrive in increasing id
+// order, so a new key beats the k-th best only if its distance is strictly smaller.
+struct TopK {
+  int64_t k;
+  std::vector<uint64_t> buf;  // up to 2k candidates, the k best among them
+  float threshold = std::numeric_limits<float>::infinity();  // k-th best once k are in
+
+  explicit TopK(int64_t k) : k(k) { buf.reserve(2 * k); }
+
+  void cut() {  // keep the k best, and their worst as the new threshold
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end());
+    threshold = candidate_dist(buf[k - 1]);
+    buf.resize(k);
+  }
+
+  void push(float dist, int64_t id) {
+    buf.push_back(candidate(dist, id));
+    if (static_cast<int64_t>(buf.size()) == 2 * k) cut();
+  }
+
+  // Scan dists_j = key_norms[j] - 2 ips[j] for keys first_id .. first_id + n - 1.
+  void scan(const float* ips, const float* key_norms, int64_t n, int64_t first_id) {
+    int64_t j = 0;
+    for (; j < n && static_cast<int64_t>(buf.size()) < k; ++j) {  // the first k go in unseen
+      float dist = key_norms[j] - 2.0f * ips[j];
+      buf.push_back(candidate(std::isnan(dist) ? std::numeric_limits<float>::infinity() : dist, first_id + j));
+      if (static_cast<int64_t>(buf.size()) == k) threshold = candidate_dist(*std::max_element(buf.begin(), buf.end()));
+    }
+    for (; j + W <= n; j += W) {
+      float dists[W];
+      for (uint32_t below = block_dists(ips + j, key_norms + j, threshold, dists); below; below &= below - 1) {
+        const int t = __builtin_ctz(below);  // the lowest bit set
+        if (dists[t] < threshold) push(dists[t], first_id + j + t);  // the threshold drops at each cut
+      }
+    }
+    for (; j < n; ++j) {
+      float dist = key_norms[j] - 2.0f * ips[j];
+      if (dist < threshold) push(dist, first_id + j);
+    }
+  }
+
+  // The k best in ascending order, plus ||q||^2.
+  void write(float query_norm, float* dists, int64_t* ids) {
+    if (static_cast<int64_t>(buf.size()) > k) cut();
+    std::sort(buf.begin(), buf.end());
+    for (int64_t i = 0; i < k; ++i) {
+      dists[i] = std::max(candidate_dist(buf[i]) + query_norm, 0.0f);
+      ids[i] = candidate_id(buf[i]);
+    }
+  }
+};
+
+void check_inputs(const torch::Tensor& queries, const torch::Tensor& keys, int64_t k,
+                  const torch::Tensor& key_norms) {
+  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2, "queries and keys must be 2-D, got ", queries.sizes(),
+              " and ", keys.sizes());
+  TORCH_CHECK(queries.size(1) == keys.size(1), "queries [B, ", queries.size(1), "] and keys [N, ", keys.size(1),
+              "] differ in dimension");
+  TORCH_CHECK(k >= 1 && k <= keys.size(0), "k must be in [1, ", keys.size(0), "] (the number of keys), got ", k);
+  TORCH_CHECK(keys.size(0) <= (int64_t(1) << 32), "at most 2^32 keys, got ", keys.size(0));
+  TORCH_CHECK(queries.scalar_type() == torch::kFloat32, "queries must be float32, got ", queries.scalar_type());
+  TORCH_CHECK(keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kFloat16,
+              "keys must be float16 or float32, got ", keys.scalar_type());
+  TORCH_CHECK(key_norms.scalar_type() == torch::kFloat32 && key_norms.dim() == 1 &&
+                  key_norms.size(0) == keys.size(0),
+              "key_norms must be float32 [", keys.size(0), "], got ", key_norms.scalar_type(), " ",
+              key_norms.sizes());
+  TORCH_CHECK(queries.device() == keys.device() && keys.device() == key_norms.device(),
+              "queries, keys and key_norms must be on one device, got ", queries.device(), ", ", keys.device(),
+              ", ", key_norms.device());
+}
+
+// One thread's share of the queries [nq, d], through every chunk of the keys, a block of
+// query_block queries at a time; its own buffers, reused from chunk to chunk.
+void search(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& key_norms, int64_t k,
+            int64_t key_chunk, int64_t query_block, float* dists, int64_t* ids) {
+  const int64_t B = queries.size(0), N = keys.size(0), d = keys.size(1);
+  auto ips_buf = torch::empty({std::min(query_block, B), key_chunk}, queries.options());
+  const bool convert = keys.scalar_type() != torch::kFloat32 || !keys.is_contiguous();
+  auto chunk_buf = convert ? torch::empty({key_chunk, d}, queries.options()) : torch::Tensor();
+  auto query_norms = queries.pow(2).sum(1);
+  for (int64_t q0 = 0; q0 < B; q0 += query_block) {
+    const int64_t nq = std::min(query_block, B - q0);
+    std::vector<TopK> best;
+    best.reserve(nq);
+    for (int64_t b = 0; b < nq; ++b) best.emplace_back(k);
+    for (int64_t start = 0; start < N; start += key_chunk) {
+      const int64_t n = std::min(key_chunk, N - start);
+      auto chunk = keys.narrow(0, start, n);
+      if (convert) chunk = chunk_buf.narrow(0, 0, n).copy_(chunk);
+      auto ips = ips_buf.narrow(0, 0, nq).narrow(1, 0, n);  // [nq, n], rows key_chunk apart
+      at::mm_out(ips, queries.narrow(0, q0, nq), chunk.t());
+      for (int64_t b = 0; b < nq; ++b)
+        best[b].scan(ips.data_ptr<float>() + b * ips.stride(0), key_norms.data_ptr<float>() + start, n, start);
+    }
+    const float* qn = query_norms.data_ptr<float>() + q0;
+    for (int64_t b = 0; b < nq; ++b) best[b].write(qn[b], dists + (q0 + b) * k, ids + (q0 + b) * k);
+  }
+}
+
+std::tuple<torch::Tensor, torch::Tensor> topk_l2_cpu(torch::Tensor queries, torch::Tensor keys, int64_t k,
+                                                     torch::Tensor key_norms, int64_t key_chunk,
+                                                     int64_t query_block) {
+  const int64_t B = queries.size(0), N = keys.size(0);
+  queries = queries.contiguous();
+  key_norms = key_norms.contiguous();
+  // Blocks: a [query_block, key_chunk] block of inner products, read by the selection while it
+  // is still in cache (measured: the GEMM is fastest with blocks of <= 8 MB).
+  if (query_block <= 0) query_block = 1024;
+  if (key_chunk <= 0) key_chunk = 2048;
+  key_chunk = std::min(key_chunk, N);
+  auto dists = torch::empty({B, k}, queries.options());
+  auto ids = torch::empty({B, k}, queries.options().dtype(torch::kInt64));
+  // Parallel over queries: each thread runs its share through all the keys (GEMMs in a
+  // parallel region are single-threaded), so threads never wait for each other.
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, B, std::max<int64_t>(1, (B + threads - 1) / threads), [&](int64_t b0, int64_t b1) {
+    search(queries.narrow(0, b0, b1 - b0), keys, key_norms, k, key_chunk, query_block,
+           dists.data_ptr<float>() + b0 * k, ids.data_ptr<int64_t>() + b0 * k);
+  });
+  return {dists, ids};
+}
+
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+std::tuple<torch::Tensor, torch::Tensor> topk_l2_cuda(torch::Tensor queries, torch::Tensor keys, int64_t k,
+                                                      torch::Tensor key_norms, int64_t key_chunk) {
+  TORCH_CHECK(k <= TOPK_L2_CUDA_MAX_K, "the CUDA kernel supports k <= ", TOPK_L2_CUDA_MAX_K, ", got ", k);
+  const c10::cuda::CUDAGuard guard(queries.device());
+  const int64_t B = queries.size(0), N = keys.size(0), d = keys.size(1);
+  queries = queries.contiguous();
+  keys = keys.contiguous();
+  key_norms = key_norms.contiguous();
+  if (key_chunk <= 0) key_chunk = std::max<int64_t>(4096, (1 << 24) / std::max<int64_t>(B, 1));
+  key_chunk = std::min(key_chunk, N);
+  const int64_t width = topk_l2_cuda_width(k);
+  auto dists = torch::empty({B, k}, queries.options());
+  auto ids = torch::empty({B, k}, queries.options().dtype(torch::kInt64));
+  auto chunk_dists = torch::empty({B, key_chunk}, queries.options());  // scratch, from torch's allocator
+  auto best_dists = torch::empty({B, width}, queries.options());
+  auto best_ids = torch::empty({B, width}, ids.options());
+  const char* error = topk_l2_cuda_launch(queries.data_ptr<float>(), keys.data_ptr(), keys.scalar_type() == torch::kFloat16,
+                      key_norms.data_ptr<float>(), B, N, d, k, key_chunk, chunk_dists.data_ptr<float>(),
+                      best_dists.data_ptr<float>(), best_ids.data_ptr<int64_t>(), dists.data_ptr<float>(),
+                      ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == nullptr, "the CUDA top-k kernel failed to launch: ", error);
+  return {dists, ids};
+}
+#endif
+
+std::tuple<torch::Tensor, torch::Tensor> topk_l2(torch::Tensor queries, torch::Tensor keys, int64_t k,
+                                                 torch::Tensor key_norms, int64_t key_chunk, int64_t query_block) {
+  check_inputs(queries, keys, k, key_norms);
+  if (queries.device().is_cpu()) return topk_l2_cpu(queries, keys, k, key_norms, key_chunk, query_block);
+#ifdef WITH_CUDA
+  if (queries.device().is_cuda()) return topk_l2_cuda(queries, keys, k, key_norms, key_chunk);
+#endif
+  TORCH_CHECK(false, "knnlm_ext was built without support for device ", queries.device());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Batched exact top-k squared-L2 search (CPU, and CUDA when built with it)";
+  m.def("topk_l2", &topk_l2, "(queries [B, d] f32, keys [N, d] f16/f32, k, key_norms [N] f32, key_chunk, "
+        "query_block) -> (dists [B, k] f32 ascending, ids [B, k] i64)",
+        py::arg("queries"), py::arg("keys"), py::arg("k"), py::arg("key_norms"), py::arg("key_chunk") = 0,
+        py::arg("query_block") = 0);
+  m.attr("CUDA_MAX_K") = TOPK_L2_CUDA_MAX_K;
+#ifdef WITH_CUDA
+  m.attr("cuda") = true;
+#else
+  m.attr("cuda") = false;
+#endif
+}

@@ -1,0 +1,189 @@
+"""Exact k-nearest-neighbour search (section 4): the PyTorch reference and the C++/CUDA
+kernel of csrc/ against a float64 brute force, on the CPU and, when present, the GPU."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import knnlm
+from helpers import ROOT
+
+ext = knnlm.knnlm_ext
+IN_CI = bool(os.environ.get("CI"))
+
+
+def backend_param(backend, device="cpu"):
+    marks = []
+    if backend == "ext" and ext is None:  # CI builds it (.ci/run); not having it there is a failure
+        marks.append(pytest.mark.skipif(not IN_CI, reason="knnlm_ext not built"))
+    if device == "cuda":
+        marks.append(pytest.mark.skipif(not torch.cuda.is_available() or ext is None or not ext.cuda,
+                                        reason="no GPU, or knnlm_ext built without CUDA"))
+    return pytest.param(backend, device, marks=marks, id=f"{backend}-{device}")
+
+
+BACKENDS = [backend_param("torch"), backend_param("ext"), backend_param("ext", "cuda")]
+
+
+def brute_force(queries, keys, k):
+    """float64 squared distances; the k smallest, ties to the smaller id (a stable sort)."""
+    dists = ((queries.double()[:, None, :] - keys.double()[None, :, :]) ** 2).sum(-1)  # [B, N]
+    sorted_dists, ids = dists.sort(dim=1, stable=True)
+    return dists, sorted_dists[:, :k], ids[:, :k]
+
+
+def make_data(kind, N, d, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        keys = torch.randn(N, d, generator=g)
+    else:  # tight clusters: many near-equal distances
+        centres = torch.randn(10, d, generator=g) * 5
+        keys = centres[torch.randint(10, (N,), generator=g)] + 0.1 * torch.randn(N, d, generator=g)
+    queries = keys[torch.randint(N, (B,), generator=g)] + 0.05 * torch.randn(B, d, generator=g)
+    return queries, keys
+
+
+def assert_exact_neighbours(dists, ids, queries, keys, k):
+    """dists equal the brute force's within float32 error; ids equal its ids except between keys
+    whose distances are equal within that error, and each returned id really is that far away."""
+    all_dists, ref_dists, ref_ids = brute_force(queries, keys, k)
+    dists, ids = dists.cpu(), ids.cpu()
+    assert dists.shape == ids.shape == (len(queries), k) and dists.dtype == torch.float32 and ids.dtype == torch.int64
+    tol = 1e-5 * all_dists.max().item() + 1e-4
+    assert (dists[:, 1:] >= dists[:, :-1]).all()  # ascending
+    assert torch.allclose(dists.double(), ref_dists, rtol=0, atol=tol)
+    assert torch.allclose(all_dists.gather(1, ids), ref_dists, rtol=0, atol=tol)
+    assert (ids.sort(1)[0][:, 1:] != ids.sort(1)[0][:, :-1]).all()  # no id twice
+    near_tie = torch.zeros_like(ids, dtype=torch.bool)
+    near_tie[:, 1:] |= (ref_dists[:, 1:] - ref_dists[:, :-1]) < 2 * tol
+    near_tie[:, :-1] |= (ref_dists[:, 1:] - ref_dists[:, :-1]) < 2 * tol
+    assert ((ids == ref_ids) | near_tie).all()
+
+
+def search(backend, device, queries, keys, k, key_norms=None):
+    queries, keys = queries.to(device), keys.to(device)
+    key_norms = None if key_norms is None else key_norms.to(device)
+    return knnlm.topk_l2(queries, keys, k, key_norms=key_norms, backend=backend)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+@pytest.mark.parametrize("N, k", [(5000, 1), (5000, 7), (5000, 1024),  # N not a multiple of any block size
+                                  (1500, 7),                           # N smaller than one block
+                                  (300, 300)])                         # k == N
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16])
+def test_search_equals_brute_force(backend, device, kind, N, k, key_dtype):
+    queries, keys = make_data(kind, N, 24, 33, seed=N + k)
+    keys = keys.to(key_dtype)
+    dists, ids = search(backend, device, queries, keys, k)
+    assert_exact_neighbours(dists, ids, queries, keys, k)  # the reference sees the same (float16) keys
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_search_of_one_query_and_of_non_contiguous_inputs(backend, device):
+    queries, keys = make_data("clustered", 3000, 16, 20, seed=1)
+    keys_t = keys.T.contiguous().T           # column-major [N, d]: not contiguous
+    queries_strided = torch.cat([queries, queries], 1)[:, ::2]  # every other column: not contiguous
+    assert not keys_t.is_contiguous() and not queries_strided.is_contiguous()
+    for q, kk in [(queries[:1], keys), (queries_strided, keys_t), (queries[::3], keys[::2])]:
+        dists, ids = search(backend, device, q, kk, 50)
+        assert_exact_neighbours(dists, ids, q, kk, 50)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in BACKENDS if "torch" not in p.id])
+def test_exact_ties_go_to_the_smaller_id(backend, device):
+    """Small integer coordinates: float32 arithmetic is exact and distances tie a lot, so the kernel's
+    answer is fully determined, whatever its blocking: the order of (distance, id)."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(-2, 3, (6000, 8), generator=g).float()
+    queries = torch.randint(-2, 3, (40, 8), generator=g).float()
+    for k in (1, 7, 1024):
+        dists, ids = search(backend, device, queries, keys, k)
+        _, ref_dists, ref_ids = brute_force(queries, keys, k)
+        assert torch.equal(ids.cpu(), ref_ids) and torch.equal(dists.cpu().double(), ref_dists)
+
+
+@pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
+def test_kernel_is_deterministic_and_right_for_any_blocking():
+    """The same call gives the same bits; other block sizes change only the GEMM's rounding."""
+    queries, keys = make_data("random", 5000, 24, 37, seed=3)
+    key_norms = knnlm.squared_norms(keys)
+    dists, ids = ext.topk_l2(queries, keys, 100, key_norms)
+    again = ext.topk_l2(queries, keys, 100, key_norms)
+    assert torch.equal(dists, again[0]) and torch.equal(ids, again[1])
+    for key_chunk, query_block in [(1, 1), (129, 5), (4999, 36), (10_000, 1000)]:
+        dists, ids = ext.topk_l2(queries, keys, 100, key_norms, key_chunk, query_block)
+        assert_exact_neighbours(dists, ids, queries, keys, 100)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_search_rejects_bad_input_clearly(backend, device):
+    keys, queries = torch.randn(10, 4, device=device), torch.randn(2, 4, device=device)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
+        knnlm.topk_l2(queries, keys, 11, backend=backend)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
+        knnlm.topk_l2(queries, keys, 0, backend=backend)
+    with pytest.raises(ValueError, match=r"queries must be \[B, 4\]"):
+        knnlm.topk_l2(torch.randn(2, 5, device=device), keys, 3, backend=backend)
+    with pytest.raises(TypeError, match="queries must be float32"):
+        knnlm.topk_l2(queries.double(), keys, 3, backend=backend)
+    with pytest.raises(TypeError, match="keys must be float16 or float32"):
+        knnlm.topk_l2(queries, keys.long(), 3, backend=backend)
+    with pytest.raises(TypeError, match=r"key_norms must be float32 \[10\]"):
+        knnlm.topk_l2(queries, keys, 3, key_norms=torch.zeros(9, device=device), backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        knnlm.topk_l2(queries, keys, 3, backend="magic")
+
+
+@pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
+def test_kernel_rejects_bad_input_itself():
+    """The binding checks its inputs too: it is callable without the Python wrapper."""
+    keys, queries, norms = torch.randn(10, 4), torch.randn(2, 4), torch.zeros(10)
+    for args, message in [((queries, keys, 11, norms), r"k must be in \[1, 10\]"),
+                          ((queries, keys, 0, norms), r"k must be in \[1, 10\]"),
+                          ((torch.randn(2, 5), keys, 3, norms), "differ in dimension"),
+                          ((queries.double(), keys, 3, norms), "queries must be float32"),
+                          ((queries, keys.long(), 3, norms), "keys must be float16 or float32"),
+                          ((queries, keys, 3, norms[:9]), "key_norms must be float32"),
+                          ((queries, keys.to("meta"), 3, norms), "must be on one device")]:
+        with pytest.raises(RuntimeError, match=message):
+            ext.topk_l2(*args)
+
+
+@pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
+def test_kernel_refuses_keys_on_another_device():
+    with pytest.raises(ValueError, match="must be on one device"):
+        knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4, device="meta"), 3, backend="ext")
+
+
+def test_ext_backend_without_the_kernel_says_how_to_build_it(monkeypatch):
+    monkeypatch.setattr(knnlm, "knnlm_ext", None)
+    with pytest.raises(knnlm.KnnlmError, match="pip install --no-build-isolation -e ."):
+        knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="ext")
+    assert knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="auto")[1].shape == (2, 3)  # torch
+
+
+@pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
+def test_auto_backend_uses_the_kernel_when_built(monkeypatch):
+    calls = []
+    monkeypatch.setattr(knnlm, "knnlm_ext", type("Spy", (), {
+        "cuda": False, "CUDA_MAX_K": 1024, "topk_l2": staticmethod(lambda *a: calls.append(a) or ext.topk_l2(*a))}))
+    knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3)
+    assert len(calls) == 1
+
+
+def test_cuda_kernel_compiles_with_plain_nvcc(tmp_path):
+    """CI has nvcc but no GPU: a broken .cu must still fail CI."""
+    nvcc = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc"] if os.path.isfile(p)), None)
+    if nvcc is None:
+        if IN_CI:
+            pytest.fail("nvcc not found: CI must compile csrc/topk_l2_cuda.cu")
+        pytest.skip("nvcc not found")
+    result = subprocess.run([nvcc, "-c", os.path.join(ROOT, "csrc", "topk_l2_cuda.cu"), "-o",
+                             str(tmp_path / "topk_l2_cuda.o"), "-Werror", "all-warnings"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert os.path.getsize(tmp_path / "topk_l2_cuda.o") > 0
