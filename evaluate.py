@@ -97,7 +97,8 @@ for split, cache in caches.items():
 if args.results:
     knnlm.write_json({
         "lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
-        "temperature": args.temperature, "backend": args.backend, "datastore_size": len(datastore),
+        "temperature": args.temperature, "datastore_size": len(datastore),
+        "backend": knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k),
         "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
         "key_type": datastore.meta["key_type"], "min_context": min_context,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",

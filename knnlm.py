@@ -535,13 +535,24 @@ class Datastore:
 # float16 keys are converted to float32 chunk by chunk (CPU fp16 matmul is slow).
 # topk_l2_torch is the readable reference; csrc/ holds the same steps as a C++
 # kernel (and a CUDA one) with a cheaper selection, used when it is built.
-# Ties go to the smaller id.
+# Equal distances go to the smaller id (the reference: only among the k it
+# returns, as torch.topk picks freely among keys tied for the k-th place).
 
 SEARCH_BACKENDS = ("auto", "torch", "ext")
 
 
 def squared_norms(keys, chunk_size=1 << 16):
     return torch.cat([keys[i:i + chunk_size].float().pow(2).sum(1) for i in range(0, len(keys), chunk_size)])
+
+
+def search_backend(backend, queries_device, keys_device, k):
+    """What "auto" means for this search: the kernel when built for these devices, else torch."""
+    if backend != "auto":
+        return backend
+    queries_device, keys_device = torch.device(queries_device), torch.device(keys_device)
+    usable = knnlm_ext is not None and queries_device == keys_device and (queries_device.type == "cpu" or (
+        queries_device.type == "cuda" and knnlm_ext.cuda and k <= knnlm_ext.CUDA_MAX_K))
+    return "ext" if usable else "torch"
 
 
 def topk_l2(queries, keys, k, key_norms=None, backend="auto"):
@@ -566,10 +577,7 @@ def topk_l2(queries, keys, k, key_norms=None, backend="auto"):
     if backend not in SEARCH_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(SEARCH_BACKENDS)}, got {backend!r}")
     same_device = queries.device == keys.device == key_norms.device
-    if backend == "auto":
-        usable = knnlm_ext is not None and same_device and (queries.device.type == "cpu" or (
-            queries.device.type == "cuda" and knnlm_ext.cuda and k <= knnlm_ext.CUDA_MAX_K))
-        backend = "ext" if usable else "torch"
+    backend = search_backend(backend, queries.device, keys.device, k)
     if backend == "torch":
         return topk_l2_torch(queries, keys, k, key_norms)
     if knnlm_ext is None:

@@ -5,6 +5,8 @@ process, on the same threads, interleaved so that all methods see the same machi
 
     python bench/search.py                 # the full grid, ~25 min on 2 cores
     python bench/search.py --quick         # N = 100k only
+    python bench/search.py --B 1024 --d 1024 --methods ext faiss --repeats 5 --name search-d1024
+                                           # a close-up of the shapes where both reach the GEMM peak
 
 Writes bench/results/search.json (one record per shape and method) and
 bench/results/search.md (the table the README shows).
@@ -34,6 +36,7 @@ parser.add_argument("--repeats", type=int, default=2, help="rounds over the meth
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 parser.add_argument("--quick", action="store_true", help="N = 100k only")
 parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+parser.add_argument("--name", default="search", help="results go to OUT/NAME.json and OUT/NAME.md")
 args = parser.parse_args()
 if args.quick:
     args.N = [100_000]
@@ -125,8 +128,8 @@ def table(records):
     for shape in shapes:
         by = {r["method"]: r for r in records if (r["N"], r["d"], r["B"], r["k"], r["data"]) == shape}
         cells = [f"{shape[0]:,}", *map(str, shape[1:])] + [f"{by[m]['qps']:,.0f}" for m in methods]
-        cells += [f"{by['ext']['qps'] / by['faiss']['qps']:.2f}x" if "faiss" in by else "",
-                  f"{by['ext']['qps'] / by['torch']['qps']:.2f}x" if "torch" in by else "",
+        cells += [f"{by['ext']['qps'] / by['faiss']['qps']:.2f}x" if "faiss" in by and "ext" in by else "",
+                  f"{by['ext']['qps'] / by['torch']['qps']:.2f}x" if "torch" in by and "ext" in by else "",
                   ", ".join(f"{100 * by[m]['gemm_fraction']:.0f}" for m in methods)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -136,8 +139,8 @@ machine = (f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} thread
            f"faiss {faiss.__version__}, float32 GEMM peak {peak:.0f} GFLOP/s")
 os.makedirs(args.out, exist_ok=True)
 knnlm.write_json({"machine": machine, "gemm_peak_gflops": round(peak, 1), "command": "python " + " ".join(sys.argv),
-                  "records": records}, os.path.join(args.out, "search.json"))
-with open(os.path.join(args.out, "search.md"), "w") as f:
+                  "records": records}, os.path.join(args.out, args.name + ".json"))
+with open(os.path.join(args.out, args.name + ".md"), "w") as f:
     f.write(f"`{'python ' + ' '.join(sys.argv)}` on {machine}. Best of {args.repeats} interleaved runs.\n\n")
     f.write(table(records) + "\n")
 print(table(records))
