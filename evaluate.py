@@ -60,9 +60,7 @@ with knnlm.user_errors():
     datastore.check_model(model, vocab, args.checkpoint)
     if args.k > len(datastore):
         raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
-    if args.backend == "ext" and knnlm.knnlm_ext is None:
-        raise knnlm.KnnlmError("--backend ext: the C++ search kernel is not built; run "
-                               "`pip install --no-build-isolation -e .` or use --backend torch")
+    backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
     data_dir = knnlm.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
 print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), "
@@ -73,7 +71,7 @@ def score(split):
     with knnlm.user_errors():
         tokens = vocab.encode_file(knnlm.split_path(data_dir, split))
     return knnlm.score_split(model, tokens, datastore, args.k, min_context, args.batch_size,
-                             key_type=datastore.meta["key_type"], backend=args.backend, desc=split)
+                             key_type=datastore.meta["key_type"], backend=backend, desc=split)
 
 
 caches = {}
@@ -98,7 +96,7 @@ if args.results:
     knnlm.write_json({
         "lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
         "temperature": args.temperature, "datastore_size": len(datastore),
-        "backend": knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k),
+        "backend": backend,
         "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
         "key_type": datastore.meta["key_type"], "min_context": min_context,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",

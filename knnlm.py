@@ -547,6 +547,9 @@ def squared_norms(keys, chunk_size=1 << 16):
 
 def search_backend(backend, queries_device, keys_device, k):
     """What "auto" means for this search: the kernel when built for these devices, else torch."""
+    if backend == "ext" and knnlm_ext is None:
+        raise KnnlmError("the C++ search kernel is not built: run `pip install --no-build-isolation -e .` "
+                         "or use the torch backend")
     if backend != "auto":
         return backend
     queries_device, keys_device = torch.device(queries_device), torch.device(keys_device)
@@ -580,8 +583,6 @@ def topk_l2(queries, keys, k, key_norms=None, backend="auto"):
     backend = search_backend(backend, queries.device, keys.device, k)
     if backend == "torch":
         return topk_l2_torch(queries, keys, k, key_norms)
-    if knnlm_ext is None:
-        raise KnnlmError("the C++ search kernel is not built: run `pip install --no-build-isolation -e .`")
     if not same_device:
         raise ValueError(f"queries, keys and key_norms must be on one device for the kernel, got "
                          f"{queries.device}, {keys.device}, {key_norms.device}")

@@ -5,14 +5,11 @@ process, on the same threads, interleaved so that all methods see the same machi
 
     python bench/search.py                 # the full grid, ~25 min on 2 cores
     python bench/search.py --quick         # N = 100k only
-    python bench/search.py --B 1024 --d 1024 --methods ext faiss --repeats 5 --name search-d1024
-                                           # a close-up of the shapes where both reach the GEMM peak
 
 Writes bench/results/search.json (one record per shape and method) and
 bench/results/search.md (the table the README shows).
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -104,11 +101,9 @@ for N in args.N:
                     ext_ids = run["ext"]()[1]
                     faiss_ids = torch.from_numpy(run["faiss"]()[1]) if index is not None else ext_ids
                     agree = (ext_ids.sort(1)[0] == faiss_ids.sort(1)[0]).float().mean().item()
-                    gflop = 2 * B * N * d / 1e9
                     for m in args.methods:
                         records.append({"method": m, "N": N, "d": d, "B": B, "k": k, "data": kind,
-                                        "qps": round(B / best[m], 1), "seconds": round(best[m], 4),
-                                        "gemm_fraction": round(gflop / best[m] / peak, 3)})
+                                        "qps": round(B / best[m], 1), "seconds": round(best[m], 4)})
                     line = " | ".join(f"{m} {B / best[m]:8.0f} q/s" for m in args.methods)
                     print(f"N={N:>9,} d={d:>4} B={B:>4} k={k:>4} {kind:>9}: {line} | ext/faiss ids agree {agree:.4f}",
                           flush=True)
@@ -120,7 +115,7 @@ for r in records:
 
 def table(records):
     """One row per shape: q/s of each method, the kernel's speed over FAISS and over PyTorch, % of GEMM peak."""
-    methods = [m for m in args.methods]
+    methods = args.methods
     head = ["N", "d", "B", "k", "data"] + [f"{m} q/s" for m in methods]
     head += ["ext / faiss", "ext / torch", "% of GEMM peak: " + ", ".join(methods)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
