@@ -9,8 +9,18 @@ The corpus can differ from the one the model was trained on (domain adaptation):
 its words are mapped through the model's vocabulary, unknown ones to <unk>.
 An interrupted build (Ctrl-C, a kill, a crash) continues where it stopped when
 rerun with the same arguments, and ends identical to an uninterrupted one.
+
+    python build_datastore.py --data ../shared/data/wikitext-103-small --index
+    python build_datastore.py --estimate 103000000 1024    # what the paper's datastore needs
+
+--index also builds the datastore's FAISS IVF-PQ index (knnlm.py, section 5), for
+evaluate.py --backend faiss. Under torchrun every process adds its share of the
+keys to the index (its shard) and the first one merges them:
+
+    torchrun --nproc_per_node 2 build_datastore.py --data ../shared/data/wikitext-103-small --index
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -33,7 +43,33 @@ parser.add_argument("--commit-seconds", type=float, default=10.0,
                     help="save progress this often; an interrupted build loses at most this much (default: %(default)s)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda (default: cuda when present)")
+parser.add_argument("--index", action="store_true", help="also build the FAISS index of the datastore")
+parser.add_argument("--factory", default=None,
+                    help="FAISS index factory string (default: the paper's IVF-PQ scaled to the datastore, "
+                         "e.g. IVF512,PQ128x4fs for 0.5 M keys; IVF4096,PQ64 is the paper's own)")
+parser.add_argument("--train-size", type=int, default=None,
+                    help=f"keys sampled to train the index (default: {knnlm.INDEX_TRAIN_SIZE:,} as in the paper, "
+                         "or fewer when k-means would not use them all)")
+parser.add_argument("--index-shards", type=int, default=None,
+                    help="add the keys to the index in this many shards (default: one per torchrun process)")
+parser.add_argument("--estimate", nargs=2, type=int, metavar=("N", "D"),
+                    help="only print the disk and memory a datastore of N keys of dimension D and its index need")
 args = parser.parse_args()
+
+if args.estimate:
+    with knnlm.user_errors():
+        n, d = args.estimate
+        factory, needs = knnlm.index_estimate(n, d, args.factory, args.train_size)
+    print(f"{n:,} keys of dimension {d}, index {factory}:")
+    for what, size in needs.items():
+        print(f"  {size / 1e9:10.2f} GB  {what}")
+    sys.exit()
+
+# under torchrun, every process adds its shard of the keys to the index; rank 0 does the rest
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    torch.distributed.init_process_group("gloo")
+barrier = torch.distributed.barrier if world > 1 else lambda: None
 
 with knnlm.user_errors():
     model, vocab, _ = knnlm.load_checkpoint(args.checkpoint, knnlm.check_device(args.device))
@@ -41,10 +77,25 @@ with knnlm.user_errors():
     path = knnlm.split_path(knnlm.resolve_corpus(args.data), args.split)
     tokens = vocab.encode_file(path)
     print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}")
-    source = {"file": path, "split": args.split, "sha256": knnlm.file_fingerprint(path)}
+    source = {"file": os.path.realpath(path), "split": args.split, "sha256": knnlm.file_fingerprint(path)}
     try:
-        meta = knnlm.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type, min_context=min_context,
-                                     batch_size=args.batch_size, source=source, commit_seconds=args.commit_seconds)
+        if rank == 0:
+            meta = knnlm.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type,
+                                         min_context=min_context, batch_size=args.batch_size, source=source,
+                                         commit_seconds=args.commit_seconds)
+            print(f"wrote {meta['count']:,} keys ({args.key_type}) to {args.out}")
+        barrier()
+        if args.index:
+            datastore = knnlm.Datastore(args.out)
+            plan = knnlm.plan_index(datastore, args.factory, args.train_size, args.index_shards or world)
+            if rank == 0:
+                knnlm.train_index(datastore, plan)
+            barrier()
+            for shard in range(rank, plan["shards"], world):
+                knnlm.add_shard(datastore, plan, shard)
+            barrier()
+            if rank == 0:
+                knnlm.merge_index(datastore, plan)
+                print(f"wrote the index {plan['factory']} of {args.out} ({plan['shards']} shards)")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: rerun the same command to continue where it stopped")
-print(f"wrote {meta['count']:,} keys ({args.key_type}) to {args.out}")

@@ -10,6 +10,7 @@ re-mixing of the cached p_LM and neighbours) and evaluates --split with them.
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -30,9 +31,16 @@ parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25,
                     help="interpolation weight of p_kNN (default: %(default)s, the paper's in-domain value)")
 parser.add_argument("--temperature", type=float, default=1.0,
                     help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, as in the paper)")
-parser.add_argument("--backend", default="auto", choices=knnlm.SEARCH_BACKENDS,
-                    help="exact nearest-neighbour search: torch = chunked matmul + top-k in PyTorch, ext = the C++ "
-                         "kernel of csrc/, auto = ext when built (default: %(default)s)")
+parser.add_argument("--backend", default="auto", choices=knnlm.SEARCH_BACKENDS + ("faiss",),
+                    help="nearest-neighbour search: torch = exact, chunked matmul + top-k in PyTorch; ext = exact, "
+                         "the C++ kernel of csrc/; faiss = the datastore's IVF-PQ index (build_datastore.py --index); "
+                         f"auto = faiss beyond {knnlm.EXACT_MAX_KEYS:,} keys when the index exists, else ext when "
+                         "built, else torch (default: %(default)s)")
+parser.add_argument("--nprobe", type=int, default=32,
+                    help="faiss: inverted lists visited per query (default: %(default)s, the paper's)")
+parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                    help="faiss: re-rank the retrieved neighbours by exact distances from the float16 keys "
+                         "(default: on, as in the paper)")
 parser.add_argument("--tune", action="store_true",
                     help="choose λ and temperature on the valid split, then evaluate --split with them")
 parser.add_argument("--results", default=None, help="also write valid and test perplexities to this JSON file")
@@ -60,10 +68,17 @@ with knnlm.user_errors():
     datastore.check_model(model, vocab, args.checkpoint)
     if args.k > len(datastore):
         raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
-    backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
+    has_index = os.path.isfile(os.path.join(args.datastore, "index.json"))
+    if args.backend == "faiss" or (args.backend == "auto" and len(datastore) > knnlm.EXACT_MAX_KEYS and has_index):
+        datastore.load_index(args.nprobe, args.recompute)
+        backend = "faiss"
+    else:
+        backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
     data_dir = knnlm.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
-print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), "
+search = (f"FAISS {datastore.index.meta['factory']}, nprobe {args.nprobe}, recompute "
+          f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")
+print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), search: {search}; "
       f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
@@ -90,9 +105,10 @@ for split, cache in caches.items():
     knnlm_ppl[split] = knnlm.perplexity(knnlm.knnlm_log_probs(cache, args.lmbda, args.temperature))
     print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
           f"({100 * (1 - knnlm_ppl[split] / lm_ppl[split]):.1f}% lower) at k={args.k}, λ={args.lmbda}, "
-          f"T={args.temperature}")
+          f"T={args.temperature}; search {len(cache['targets']) / cache['search_seconds']:,.0f} queries/s")
 
 if args.results:
+    earlier = knnlm.read_json(args.results) if os.path.isfile(args.results) else {}
     knnlm.write_json({
         "lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
         "temperature": args.temperature, "datastore_size": len(datastore),
@@ -100,5 +116,6 @@ if args.results:
         "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
         "key_type": datastore.meta["key_type"], "min_context": min_context,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
-        "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv)}, args.results)
+        "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv),
+        **({"backends": earlier["backends"]} if "backends" in earlier else {})}, args.results)  # from bench/index.py
     print(f"wrote {args.results}")

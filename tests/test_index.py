@@ -1,0 +1,206 @@
+"""The FAISS IVF-PQ index (knnlm.py, section 5): recall, exact re-ranking, save/load,
+shards, resumed builds, refused mismatches, and the scripts' --index / --backend faiss."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import knnlm
+from helpers import ROOT, clustered_keys, run, tiny_model, write_corpus, write_datastore
+
+N, D = 20000, 64
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """A clustered datastore of 20,000 keys with its default index (IVF512,PQ64x4fs)."""
+    datastore = write_datastore(tmp_path_factory.mktemp("store"), clustered_keys(N, D))
+    knnlm.build_index(datastore, progress=False)
+    return datastore
+
+
+def queries_near(n=300, seed=1):
+    """Queries from the keys' own clusters (seed 0 draws the same cluster centres)."""
+    return torch.from_numpy(clustered_keys(n, D, seed=0).astype(np.float32)) + torch.randn(
+        n, D, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def recall(found, exact):
+    return np.mean([len(set(f.tolist()) & set(e.tolist())) / len(e) for f, e in zip(found, exact)])
+
+
+def test_default_factory_scales_the_papers_index():
+    assert knnlm.default_factory(103_000_000, 1024) == "IVF4096,PQ128x4fs"  # the paper's lists, 64-byte codes
+    assert knnlm.default_factory(500_000, 256) == "IVF2048,PQ128x4fs"
+    assert knnlm.default_factory(20_000, 64) == "IVF512,PQ64x4fs"          # d < 128: one sub-quantiser a dim
+
+
+def test_recall_at_the_default_nprobe_is_above_the_floor(indexed):
+    """Measured 0.96 at k=256 (nprobe 32, recompute on); the floor is 0.9. More lists visited never hurts."""
+    queries = queries_near()
+    _, exact = indexed.search(queries, 256, "torch")
+    recalls = {}
+    for nprobe in (1, 32):
+        indexed.load_index(nprobe)
+        recalls[nprobe] = recall(indexed.search(queries, 256, "faiss")[1], exact)
+    assert recalls[32] >= 0.9 and recalls[32] > recalls[1], recalls
+
+
+def test_recompute_returns_the_exact_distances_of_the_returned_ids(indexed):
+    queries = queries_near(50)
+    keys = torch.from_numpy(np.load(os.path.join(indexed.path, "keys.npy"))).double()
+    for recompute in (True, False):
+        indexed.load_index(recompute=recompute)
+        dists, ids = indexed.search(queries, 100, "faiss")
+        exact = (keys[ids] - queries.double()[:, None]).pow(2).sum(-1)
+        assert (dists[:, 1:] >= dists[:, :-1]).all()  # ascending
+        if recompute:
+            torch.testing.assert_close(dists.double(), exact, rtol=1e-5, atol=1e-3)
+        else:  # quantised distances: close, not equal
+            assert not torch.allclose(dists.double(), exact, rtol=1e-5, atol=1e-3)
+
+
+def test_the_torch_rerank_equals_the_kernels(indexed):
+    if knnlm.knnlm_ext is None:
+        pytest.skip("the C++ extension is not built")
+    queries, ids = queries_near(20), torch.randint(N, (20, 33))
+    ids[3, 5] = ids[3, 6] = -1  # FAISS found fewer than k: last, with distance inf
+    ids[4, 7] = ids[4, 9]       # the same key twice: the tie goes by id, so the two end side by side
+    dists, found = knnlm.knnlm_ext.rerank_l2(queries, indexed.keys, ids)
+    torch_dists, torch_found = knnlm.rerank(queries, indexed.keys, ids, use_ext=False)
+    assert torch.equal(found, torch_found) and torch.isinf(dists[3, -2:]).all() and (found[3, -2:] == -1).all()
+    torch.testing.assert_close(dists, torch_dists)
+    assert torch.equal(found.sort(1)[0], ids.sort(1)[0])  # the same ids, reordered
+    with pytest.raises(RuntimeError, match=r"ids must be in \[0, 20000\) or -1"):
+        knnlm.knnlm_ext.rerank_l2(queries, indexed.keys, ids + N)
+
+
+def test_index_save_load_round_trip(indexed, tmp_path):
+    index = indexed.load_index()
+    knnlm.write_index(index.index, str(tmp_path / "copy.faiss"))
+    again = knnlm.read_index(str(tmp_path / "copy.faiss"))
+    queries = queries_near(50).numpy()
+    for a, b in zip(index.index.search(queries, 20), again.search(queries, 20)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_sharded_build_equals_the_unsharded_one(indexed):
+    queries = queries_near(100)
+    one = indexed.load_index()
+    expected = one.search(queries, 64)
+    for shards in (2, 3):
+        knnlm.build_index(indexed, shards=shards, name=f"shards{shards}", progress=False)
+        found = knnlm.FaissIndex(indexed, name=f"shards{shards}").search(queries, 64)
+        assert torch.equal(found[1], expected[1]) and torch.equal(found[0], expected[0])
+
+
+def test_an_interrupted_build_finishes_from_its_last_step(indexed):
+    """Plan, training and shard 1 of 2 done, then a crash: the rerun adds shard 2 and merges."""
+    plan = knnlm.plan_index(indexed, shards=2, name="resumed")
+    knnlm.train_index(indexed, plan, name="resumed", progress=False)
+    knnlm.add_shard(indexed, plan, 0, name="resumed", progress=False)
+    trained_at = os.path.getmtime(os.path.join(indexed.path, "resumed.trained.faiss"))
+    assert not os.path.exists(os.path.join(indexed.path, "resumed.json"))
+    with pytest.raises(knnlm.KnnlmError, match="factory differs"):  # not a different build on top of it
+        knnlm.build_index(indexed, factory="IVF64,PQ32x4fs", shards=2, name="resumed", progress=False)
+    os.utime(os.path.join(indexed.path, "resumed.trained.faiss"), (0, trained_at))
+    knnlm.build_index(indexed, shards=2, name="resumed", progress=False)
+    assert sorted(f for f in os.listdir(indexed.path) if f.startswith("resumed")) == ["resumed.faiss", "resumed.json"]
+    queries = queries_near(50)
+    assert torch.equal(knnlm.FaissIndex(indexed, name="resumed").search(queries, 16)[1],
+                       indexed.load_index().search(queries, 16)[1])
+
+
+def test_an_index_of_another_datastore_is_refused(indexed, tmp_path):
+    other = write_datastore(tmp_path / "other", clustered_keys(N, D, seed=5))
+    meta = json.load(open(os.path.join(other.path, "meta.json")))
+    meta["model_fingerprint"] = "another model..."
+    knnlm.write_json(meta, os.path.join(other.path, "meta.json"))
+    for part in ("faiss", "json"):
+        shutil.copy(os.path.join(indexed.path, f"index.{part}"), os.path.join(other.path, f"index.{part}"))
+    with pytest.raises(knnlm.KnnlmError, match="model_fingerprint differs: its index index.faiss has '0123"):
+        knnlm.Datastore(other.path).load_index()
+
+
+def test_a_truncated_index_is_a_clear_error(indexed, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(indexed.path, store)
+    with open(store / "index.faiss", "r+b") as f:
+        f.truncate(os.path.getsize(store / "index.faiss") // 2)
+    with pytest.raises(knnlm.KnnlmError, match="index.faiss is corrupt or truncated"):
+        knnlm.Datastore(str(store)).load_index()
+
+
+def test_bad_index_settings_are_clear_errors(indexed, monkeypatch):
+    with pytest.raises(knnlm.KnnlmError, match="cannot make an IVF index .* 'IVF64,Nonsense'"):
+        knnlm.plan_index(indexed, factory="IVF64,Nonsense", name="bad")
+    with pytest.raises(knnlm.KnnlmError, match="more than the 1,000 keys to train them on"):
+        knnlm.plan_index(indexed, factory="IVF4096,PQ8x4fs", train_size=1000, name="bad")
+    with pytest.raises(knnlm.KnnlmError, match="--nprobe must be at least 1"):
+        indexed.load_index(nprobe=0)
+    with pytest.raises(knnlm.KnnlmError, match="no FAISS index missing in"):
+        knnlm.FaissIndex(indexed, name="missing")
+    monkeypatch.setattr(knnlm.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(knnlm.KnnlmError, match="not enough disk space .*: the index needs"):
+        knnlm.plan_index(indexed, name="bad")
+    assert not [f for f in os.listdir(indexed.path) if f.startswith("bad")]
+
+
+def test_estimate_of_the_papers_datastore():
+    factory, needs = knnlm.index_estimate(103_000_000, 1024)
+    assert factory == "IVF4096,PQ128x4fs"
+    assert needs["disk: keys (float16) and values (int64)"] == 103_000_000 * (2 * 1024 + 8)  # ~212 GB
+    assert 7e9 < needs["disk: the index"] < 8e9  # 64-byte codes and 8-byte ids
+    out = run("build_datastore.py", "--estimate", "103000000", "1024", cwd=ROOT).stdout
+    assert "IVF4096,PQ128x4fs" in out and "211.77 GB  disk: keys" in out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A corpus and an (untrained) checkpoint, as train.py leaves them."""
+    root = tmp_path_factory.mktemp("work")
+    data = write_corpus(root / "corpus", n_lines=(120, 15, 15))
+    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
+    knnlm.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab), d_model=32), vocab)
+    return root, data
+
+
+def test_scripts_build_the_index_and_evaluate_with_it(work):
+    """IVF4,Flat stores the keys uncompressed: visiting its 4 lists is exact search, so the
+    whole path (index, shards, ids back to values) must give the exact perplexity."""
+    root, data = work
+    out = run("build_datastore.py", "--data", data, "--index", "--index-shards", "2", "--factory", "IVF4,Flat",
+              cwd=root).stdout
+    assert "wrote the index IVF4,Flat" in out and "(2 shards)" in out
+    ppl = {}
+    for backend in ("torch", "faiss"):
+        out = run("evaluate.py", "--data", data, "--k", "8", "--backend", backend, "--nprobe", "4", cwd=root).stdout
+        assert ("search: FAISS IVF4,Flat, nprobe 4" in out) == (backend == "faiss")
+        ppl[backend] = float(out.split("kNN-LM ppl ")[1].split()[0])
+    assert ppl["faiss"] == ppl["torch"]
+    out = run("evaluate.py", "--data", data, "--k", "8", cwd=root).stdout  # auto: small, so exact
+    assert "search: exact" in out
+    result = run("evaluate.py", "--data", data, "--backend", "faiss", "--datastore", str(root / "nowhere"),
+                 cwd=root, check=False)
+    assert result.returncode == 2 and "no datastore at" in result.stderr
+
+
+def test_torchrun_two_processes_build_a_two_shard_index(work, tmp_path):
+    """The path past one process: torchrun starts 2 ranks, each adds its half of the keys."""
+    root, data = work
+    shutil.copytree(root / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("datastore"))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(ROOT, "build_datastore.py"), "--data", data, "--index"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wrote the index" in result.stdout and "(2 shards)" in result.stdout
+    datastore = knnlm.Datastore(str(tmp_path / "runs" / "datastore"))
+    assert knnlm.read_json(os.path.join(datastore.path, "index.json"))["shards"] == 2
+    queries = datastore.keys[:20].float()
+    dists, ids = datastore.load_index(recompute=True).search(queries, 1)
+    assert torch.equal(ids[:, 0], torch.arange(20)) or (dists[:, 0] < 1e-3).all()  # each key finds itself
