@@ -14,8 +14,9 @@ rerun with the same arguments, and ends identical to an uninterrupted one.
     python build_datastore.py --estimate 103000000 1024    # what the paper's datastore needs
 
 --index also builds the datastore's FAISS IVF-PQ index (knnlm.py, section 5), for
-evaluate.py --backend faiss. Under torchrun every process adds its share of the
-keys to the index (its shard) and the first one merges them:
+evaluate.py --backend faiss. Under torchrun every process writes the rows of its
+share of the text to the datastore and adds them to the index (its shard); the
+first process merges the shards:
 
     torchrun --nproc_per_node 2 build_datastore.py --data ../shared/data/wikitext-103-small --index
 """
@@ -65,7 +66,7 @@ if args.estimate:
         print(f"  {size / 1e9:10.2f} GB  {what}")
     sys.exit()
 
-# under torchrun, every process adds its shard of the keys to the index; rank 0 does the rest
+# under torchrun, every process builds its shard of the datastore and of the index
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:
     torch.distributed.init_process_group("gloo")
@@ -79,12 +80,11 @@ with knnlm.user_errors():
     print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}")
     source = {"file": os.path.realpath(path), "split": args.split, "sha256": knnlm.file_fingerprint(path)}
     try:
+        meta = knnlm.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type, min_context=min_context,
+                                     batch_size=args.batch_size, source=source, commit_seconds=args.commit_seconds,
+                                     shard=rank, shards=world, barrier=barrier)
         if rank == 0:
-            meta = knnlm.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type,
-                                         min_context=min_context, batch_size=args.batch_size, source=source,
-                                         commit_seconds=args.commit_seconds)
             print(f"wrote {meta['count']:,} keys ({args.key_type}) to {args.out}")
-        barrier()
         if args.index:
             datastore = knnlm.Datastore(args.out)
             plan = knnlm.plan_index(datastore, args.factory, args.train_size, args.index_shards or world)

@@ -363,11 +363,11 @@ def resolve_min_context(min_context, block_size):
     return min_context
 
 
-def sliding_batches(tokens, block_size, min_context, batch_size):
-    """Yield (inputs [b, T], targets [b, T], scored [b, T] bool), in text order.
-    Over all batches the scored targets are exactly tokens[1:], in order."""
+def sliding_windows(n, block_size, min_context):
+    """The windows (begin, end, first scored position) over a text of n tokens. A window's
+    scored targets tokens[begin + first + 1 : end + 1] are datastore rows begin + first .. end - 1."""
     min_context = resolve_min_context(min_context, block_size)
-    n, stride = len(tokens), block_size - min_context
+    stride = block_size - min_context
     windows, scored_up_to = [], 0  # targets tokens[1 : scored_up_to + 1] are done
     for begin in range(0, n - 1, stride):
         end = min(begin + block_size, n - 1)
@@ -375,6 +375,14 @@ def sliding_batches(tokens, block_size, min_context, batch_size):
         scored_up_to = end
         if end == n - 1:
             break
+    return windows
+
+
+def sliding_batches(tokens, block_size, min_context, batch_size, windows=None):
+    """Yield (inputs [b, T], targets [b, T], scored [b, T] bool), in text order.
+    Over all batches the scored targets are exactly tokens[1:], in order (or those of `windows`)."""
+    if windows is None:
+        windows = sliding_windows(len(tokens), block_size, min_context)
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
         T = max(end - begin for begin, end, _ in chunk)
@@ -413,10 +421,13 @@ def check_same(wanted, found, wanted_name, found_name):
 
 @torch.no_grad()
 def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_context=None,
-                    batch_size=16, source=None, progress=True, commit_seconds=10.0):
+                    batch_size=16, source=None, progress=True, commit_seconds=10.0,
+                    shard=0, shards=1, barrier=lambda: None):
     """Write the datastore of `tokens` to out_dir. Progress is committed every commit_seconds
     (rows flushed to disk first): an interrupted build rerun with the same arguments
-    continues from the last commit and ends byte-identical to an uninterrupted one."""
+    continues from the last commit and ends byte-identical to an uninterrupted one.
+    With shards > 1 this process (one of `shards`, e.g. under torchrun, all calling this
+    with the same `barrier`) writes the rows of its share of the windows."""
     cfg = model.cfg
     min_context = resolve_min_context(min_context, cfg.block_size)
     device = next(model.parameters()).device
@@ -424,25 +435,37 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
     if n < 1:
         raise KnnlmError(f"{source}: a datastore needs at least two tokens, got {len(tokens)}")
     manifest = datastore_manifest(model, vocab, n, key_type, min_context, source)
-    meta_path, progress_path = os.path.join(out_dir, "meta.json"), os.path.join(out_dir, "progress.json")
+    meta_path = os.path.join(out_dir, "meta.json")
+    progress_path = os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{shard}.json")
     if os.path.isfile(meta_path):  # finished before: reuse it if it is the same datastore
         check_same(manifest, read_json(meta_path), "this build", f"the datastore in {out_dir}")
         print(f"{out_dir} already holds this datastore")
         return manifest
+    windows = sliding_windows(len(tokens), cfg.block_size, min_context)
+    windows = windows[len(windows) * shard // shards:len(windows) * (shard + 1) // shards]
+    first_row = windows[0][0] + windows[0][2] if windows else n  # the row of the first target scored
+    last_row = windows[-1][1] if windows else n
     if os.path.isfile(progress_path):  # interrupted before: continue it if it is the same build
         done = read_json(progress_path)
         check_same(manifest, done["manifest"], "this build", f"the interrupted build in {out_dir}")
         print(f"resuming at row {done['rows']:,} of {n:,}")
-        mode = "r+"
     else:
+        done = {"manifest": manifest, "batches": 0, "rows": first_row}
+    fresh = not any(f.startswith("progress") for f in os.listdir(out_dir)) if os.path.isdir(out_dir) else True
+    barrier()  # every shard has looked before the first one creates the files
+    if shard == 0 and fresh:
         os.makedirs(out_dir, exist_ok=True)
         check_disk_space(out_dir, n * (cfg.d_model * 2 + 8))
-        done, mode = {"manifest": manifest, "batches": 0, "rows": 0}, "w+"
-    keys = open_npy(os.path.join(out_dir, "keys.npy"), mode, np.float16, (n, cfg.d_model))
-    vals = open_npy(os.path.join(out_dir, "vals.npy"), mode, np.int64, (n,))
+        open_npy(os.path.join(out_dir, "keys.npy"), "w+", np.float16, (n, cfg.d_model))
+        open_npy(os.path.join(out_dir, "vals.npy"), "w+", np.int64, (n,))
+        write_json(done, progress_path)
+    barrier()
+    keys = open_npy(os.path.join(out_dir, "keys.npy"), "r+", np.float16, (n, cfg.d_model))
+    vals = open_npy(os.path.join(out_dir, "vals.npy"), "r+", np.int64, (n,))
     row, start, last_commit = done["rows"], time.time(), time.time()
-    bar = tqdm(total=n, initial=row, unit="tok", desc="datastore", disable=not progress)
-    batches = sliding_batches(tokens, cfg.block_size, min_context, batch_size)
+    bar = tqdm(total=last_row - first_row, initial=row - first_row, unit="tok", disable=not progress,
+               desc="datastore" if shards == 1 else f"datastore shard {shard + 1}/{shards}")
+    batches = sliding_batches(tokens, cfg.block_size, min_context, batch_size, windows)
     for i, (x, y, scored) in enumerate(batches):
         if i < done["batches"]:
             continue
@@ -455,14 +478,20 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
         row += len(v)
         bar.update(len(v))
         bar.set_postfix(tok_per_s=f"{(row - done['rows']) / (time.time() - start):.0f}")
-        if time.time() - last_commit > commit_seconds or row == n:
+        if time.time() - last_commit > commit_seconds or row == last_row:
             keys.flush(), vals.flush()  # the rows reach the disk before the progress that counts them
             write_json({"manifest": manifest, "batches": i + 1, "rows": row}, progress_path)
             last_commit = time.time()
     bar.close()
-    assert row == n, (row, n)
-    write_json(manifest, meta_path)
-    os.remove(progress_path)
+    assert row == last_row, (row, last_row)
+    barrier()  # every shard has written its rows
+    if shard == 0:
+        write_json(manifest, meta_path)
+        for s in range(shards):
+            path = os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{s}.json")
+            if os.path.exists(path):  # a shard without windows wrote none
+                os.remove(path)
+    barrier()  # the datastore is finished for every shard
     return manifest
 
 
@@ -495,7 +524,7 @@ class Datastore:
     def __init__(self, path):
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
-            unfinished = os.path.isfile(os.path.join(path, "progress.json"))
+            unfinished = os.path.isdir(path) and any(f.startswith("progress") for f in os.listdir(path))
             raise KnnlmError(f"the datastore build in {path} was interrupted: rerun build_datastore.py with the "
                              "same arguments to finish it" if unfinished else
                              f"no datastore at {path} (no meta.json): build one with build_datastore.py")

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,10 @@ K = 1024
 
 
 def max_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    """This process's peak resident memory in bytes. Not getrusage's ru_maxrss: Linux carries
+    that over from the parent through fork and exec, so a child would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def make_synthetic(path, n, d, seed=0, batch=1 << 16):
@@ -121,12 +123,12 @@ def bench_store(name, store, queries, nprobes, scratch):
     return record
 
 
-def wikitext_queries(model, tokens, n=1024):
+def wikitext_queries(model, tokens, key_type, n=1024):
     """The model's keys for the first n scored tokens of a split: real kNN-LM queries."""
     keys = []
     with torch.no_grad():
         for x, _, scored in knnlm.sliding_batches(tokens, model.cfg.block_size, None, 16):
-            keys.append(model(x)[1][scored])
+            keys.append(model(x, key_type=key_type)[1][scored])
             if sum(map(len, keys)) >= n:
                 break
     return torch.cat(keys)[:n].float()
@@ -209,7 +211,7 @@ def main():
     data_dir = knnlm.resolve_corpus(args.data)
     datastore = knnlm.Datastore(args.datastore)
     datastore.check_model(model, vocab)
-    queries = wikitext_queries(model, vocab.encode_file(knnlm.split_path(data_dir, "test")))
+    queries = wikitext_queries(model, vocab.encode_file(knnlm.split_path(data_dir, "test")), datastore.meta["key_type"])
     records.append(bench_store("WikiText-103-small", args.datastore, queries, args.nprobe, args.work))  # rebuilt
     rows = {} if args.no_end_to_end else end_to_end(model, vocab, data_dir, knnlm.Datastore(args.datastore),
                                                       args.results)

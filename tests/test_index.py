@@ -190,8 +190,9 @@ def test_scripts_build_the_index_and_evaluate_with_it(work):
     assert result.returncode == 2 and "no datastore at" in result.stderr
 
 
-def test_torchrun_two_processes_build_a_two_shard_index(work, tmp_path):
-    """The path past one process: torchrun starts 2 ranks, each adds its half of the keys."""
+def test_torchrun_two_processes_build_the_datastore_and_index_in_two_shards(work, tmp_path):
+    """The path past one process: torchrun starts 2 ranks; each writes the rows of its half of
+    the text to the datastore memmap and adds them to its index shard; rank 0 merges."""
     root, data = work
     shutil.copytree(root / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("datastore"))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -199,8 +200,12 @@ def test_torchrun_two_processes_build_a_two_shard_index(work, tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "wrote the index" in result.stdout and "(2 shards)" in result.stdout
-    datastore = knnlm.Datastore(str(tmp_path / "runs" / "datastore"))
-    assert knnlm.read_json(os.path.join(datastore.path, "index.json"))["shards"] == 2
-    queries = datastore.keys[:20].float()
-    dists, ids = datastore.load_index(recompute=True).search(queries, 1)
-    assert torch.equal(ids[:, 0], torch.arange(20)) or (dists[:, 0] < 1e-3).all()  # each key finds itself
+    sharded = knnlm.Datastore(str(tmp_path / "runs" / "datastore"))
+    assert sorted(os.listdir(sharded.path)) == ["index.faiss", "index.json", "keys.npy", "meta.json", "vals.npy"]
+    assert knnlm.read_json(os.path.join(sharded.path, "index.json"))["shards"] == 2
+    run("build_datastore.py", "--data", data, "--out", "one", cwd=tmp_path)  # one process, for comparison
+    one = knnlm.Datastore(str(tmp_path / "one"))
+    assert sharded.meta == one.meta and torch.equal(sharded.vals, one.vals)
+    torch.testing.assert_close(sharded.keys, one.keys)  # other batches, so maybe other rounding
+    dists, ids = sharded.load_index().search(sharded.keys[:20].float(), 1)
+    assert (dists[:, 0] < 1e-3).all()  # each key finds itself (or an identical one)
