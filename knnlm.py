@@ -693,6 +693,7 @@ def topk_l2_torch(queries, keys, k, key_norms, key_chunk=1 << 18, query_block=25
 INDEX_TRAIN_SIZE = 1_000_000  # keys sampled to train the index, as in the paper
 INDEX_BATCH = 1 << 16         # keys read from the memmap and added per step
 EXACT_MAX_KEYS = 2_000_000    # beyond this, backend "auto" uses the FAISS index when there is one
+RERANK_MMAP_MAX_BYTES = 2 << 30  # beyond this, re-ranking reads key rows with pread, not through the memmap
 INDEX_DATASTORE_FIELDS = ("count", "dim", "key_dtype", "key_type", "model_fingerprint", "vocab_fingerprint", "source")
 
 
@@ -866,13 +867,19 @@ class FaissIndex:
                              f"dimension {self.index.d}, the datastore {len(datastore):,} of {datastore.meta['dim']}")
         faiss.extract_index_ivf(self.index).nprobe = nprobe
         self.datastore, self.nprobe, self.recompute = datastore, nprobe, recompute
+        # Every row read through a memmap makes the kernel map 64 KB of cached file around it
+        # (fault-around): random rows of a large key file soon put all of it in this process's
+        # resident memory. Past RERANK_MMAP_MAX_BYTES the kernel reads rows with pread instead.
+        self.key_fd = -1
+        if datastore.key_file.nbytes > RERANK_MMAP_MAX_BYTES and knnlm_ext is not None:
+            self.key_fd = os.open(os.path.join(datastore.path, "keys.npy"), os.O_RDONLY)
 
     def search(self, queries, k):
         """queries [B, d] -> (squared distances [B, k] ascending, ids [B, k]), ties by id."""
         q = queries.detach().float().cpu()
         dists, ids = map(torch.from_numpy, self.index.search(q.numpy(), k))  # quantised distances
         if self.recompute:
-            dists, ids = rerank(q, self.datastore.keys, ids)
+            dists, ids = rerank(q, self.datastore.keys, ids, fd=self.key_fd, offset=self.datastore.key_file.offset)
             release_pages(self.datastore.key_file)
         else:
             dists[ids < 0] = math.inf
@@ -881,12 +888,13 @@ class FaissIndex:
         return dists.to(queries.device), ids.to(queries.device)
 
 
-def rerank(queries, keys, ids, use_ext=True, block=8):
+def rerank(queries, keys, ids, use_ext=True, block=8, fd=-1, offset=0):
     """The exact ||q - keys[i]||^2 of every query [B, d] to each of its ids [B, k], sorted (ties by id),
     reading only those rows, in blocks of queries small enough for the cache. Id -1 gets
-    distance inf. knnlm_ext.rerank_l2 does the same in C++."""
+    distance inf. knnlm_ext.rerank_l2 does the same in C++ (reading the rows from the open
+    file fd, where keys start at byte offset, when fd >= 0)."""
     if use_ext and knnlm_ext is not None and keys.device.type == "cpu":
-        return knnlm_ext.rerank_l2(queries, keys, ids)
+        return knnlm_ext.rerank_l2(queries, keys, ids, fd, offset)
     (B, k), d = ids.shape, keys.shape[1]
     dists = torch.empty(B, k)
     rows = torch.empty(min(block, B) * k, d, dtype=keys.dtype)  # buffers reused across blocks

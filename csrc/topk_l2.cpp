@@ -22,6 +22,8 @@
 #include <limits>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -283,13 +285,15 @@ bool has_avx2() {
 #endif
 
 template <typename key_t>
-void rerank_rows(const torch::Tensor& q, const key_t* keys, int64_t stride, torch::Tensor& dists,
-                 torch::Tensor& ids) {
+void rerank_rows(const torch::Tensor& q, const key_t* keys, int64_t stride, int64_t fd, int64_t offset,
+                 torch::Tensor& dists, torch::Tensor& ids) {
   const int64_t k = ids.size(1), d = q.size(1);
   constexpr uint32_t kMissing = 0xffffffffu;
   constexpr int64_t kAhead = 8;
   at::parallel_for(0, ids.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> found(k);
+    std::vector<key_t> buffer(fd >= 0 ? d : 0);
+    bool read_failed = false;
     for (int64_t b = begin; b < end; ++b) {
       const float* qb = q.data_ptr<float>() + b * d;
       int64_t* id = ids.data_ptr<int64_t>() + b * k;
@@ -300,7 +304,11 @@ void rerank_rows(const torch::Tensor& q, const key_t* keys, int64_t stride, torc
           continue;
         }
         const key_t* row = keys + id[i] * stride;
-        if (i + kAhead < k && id[i + kAhead] >= 0) {  // random rows: fetch a few ahead while this one is compared
+        if (fd >= 0) {  // read the row from the file instead: no page of it gets mapped into this process
+          const ssize_t bytes = d * sizeof(key_t);
+          read_failed |= pread(int(fd), buffer.data(), bytes, offset + id[i] * stride * sizeof(key_t)) != bytes;
+          row = buffer.data();
+        } else if (i + kAhead < k && id[i + kAhead] >= 0) {  // random rows: fetch a few ahead while this one is compared
           const char* next = reinterpret_cast<const char*>(keys + id[i + kAhead] * stride);
           for (int64_t byte = 0; byte < d * int64_t(sizeof(key_t)); byte += 64) __builtin_prefetch(next + byte);
         }
@@ -311,6 +319,7 @@ void rerank_rows(const torch::Tensor& q, const key_t* keys, int64_t stride, torc
 #endif
         found[i] = candidate(l2, id[i]);
       }
+      TORCH_CHECK(!read_failed, "rerank_l2: cannot read key rows from file descriptor ", fd);
       std::sort(found.begin(), found.end());
       for (int64_t i = 0; i < k; ++i) {
         dist[i] = candidate_dist(found[i]);
@@ -321,7 +330,7 @@ void rerank_rows(const torch::Tensor& q, const key_t* keys, int64_t stride, torc
 }
 
 std::tuple<torch::Tensor, torch::Tensor> rerank_l2(const torch::Tensor& queries, const torch::Tensor& keys,
-                                                   const torch::Tensor& ids) {
+                                                   const torch::Tensor& ids, int64_t fd, int64_t offset) {
   TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && ids.dim() == 2, "queries, keys and ids must be 2-D, got ",
               queries.sizes(), ", ", keys.sizes(), " and ", ids.sizes());
   TORCH_CHECK(queries.size(1) == keys.size(1), "queries [B, ", queries.size(1), "] and keys [N, ", keys.size(1),
@@ -337,13 +346,14 @@ std::tuple<torch::Tensor, torch::Tensor> rerank_l2(const torch::Tensor& queries,
   TORCH_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= -1 && ids.max().item<int64_t>() < keys.size(0)),
               "ids must be in [0, ", keys.size(0), ") or -1 (missing)");
   const auto q = queries.contiguous();
+  TORCH_CHECK(fd < 0 || keys.is_contiguous(), "rerank_l2 reads a file only for contiguous keys");
   const auto rows = keys.stride(1) == 1 ? keys : keys.contiguous();
   auto out_ids = ids.clone(at::MemoryFormat::Contiguous);
   auto out_dists = torch::empty(ids.sizes(), q.options());
   if (rows.scalar_type() == torch::kFloat32)
-    rerank_rows(q, rows.data_ptr<float>(), rows.stride(0), out_dists, out_ids);
+    rerank_rows(q, rows.data_ptr<float>(), rows.stride(0), fd, offset, out_dists, out_ids);
   else
-    rerank_rows(q, rows.data_ptr<at::Half>(), rows.stride(0), out_dists, out_ids);
+    rerank_rows(q, rows.data_ptr<at::Half>(), rows.stride(0), fd, offset, out_dists, out_ids);
   return {out_dists, out_ids};
 }
 
@@ -357,7 +367,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query_block") = 0);
   m.def("rerank_l2", &rerank_l2, "(queries [B, d] f32, keys [N, d] f16/f32, ids [B, k] i64) -> (the exact "
         "||queries[b] - keys[id]||^2 [B, k] f32 ascending, ids [B, k] i64), ties by id; CPU",
-        py::arg("queries"), py::arg("keys"), py::arg("ids"));
+        py::arg("queries"), py::arg("keys"), py::arg("ids"), py::arg("fd") = -1, py::arg("offset") = 0);
   m.attr("CUDA_MAX_K") = TOPK_L2_CUDA_MAX_K;
 #ifdef WITH_CUDA
   m.attr("cuda") = true;

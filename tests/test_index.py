@@ -76,6 +76,12 @@ def test_the_torch_rerank_equals_the_kernels(indexed):
     assert torch.equal(found, torch_found) and torch.isinf(dists[3, -2:]).all() and (found[3, -2:] == -1).all()
     torch.testing.assert_close(dists, torch_dists)
     assert torch.equal(found.sort(1)[0], ids.sort(1)[0])  # the same ids, reordered
+    fd = os.open(os.path.join(indexed.path, "keys.npy"), os.O_RDONLY)  # rows read with pread, as for large files
+    try:
+        from_file = knnlm.knnlm_ext.rerank_l2(queries, indexed.keys, ids, fd, indexed.key_file.offset)
+    finally:
+        os.close(fd)
+    assert torch.equal(from_file[0], dists) and torch.equal(from_file[1], found)
     with pytest.raises(RuntimeError, match=r"ids must be in \[0, 20000\) or -1"):
         knnlm.knnlm_ext.rerank_l2(queries, indexed.keys, ids + N)
 
