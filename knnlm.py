@@ -682,8 +682,8 @@ def topk_l2_torch(queries, keys, k, key_norms, key_chunk=1 << 18, query_block=25
 # exact distances from the float16 keys (recompute: perplexity 16.5 -> 16.06).
 # Our default keeps that shape, with 4 sqrt(N) lists (FAISS's rule of thumb, capped
 # at the paper's 4096) and the 64 bytes spent on 128 four-bit sub-quantisers, which FAISS
-# scans with SIMD ("fast-scan"): on our CPU 7x faster to search and 30x faster
-# to train than 8-bit PQ64, the same recall once re-ranked (README, bench/index.py).
+# scans with SIMD ("fast-scan"): on our CPU 3.7x the queries/s of 8-bit PQ64 and 3x
+# faster to build, the same nearest neighbours once re-ranked (README, bench/index.py).
 # `--factory IVF4096,PQ64` gives the paper's own.
 # The index is built in shards: trained once; each shard (a process of its own,
 # or one after another) adds its row range of the keys to a copy of the trained
