@@ -68,8 +68,8 @@ with knnlm.user_errors():
     datastore.check_model(model, vocab, args.checkpoint)
     if args.k > len(datastore):
         raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
-    has_index = os.path.isfile(os.path.join(args.datastore, "index.json"))
-    if args.backend == "faiss" or (args.backend == "auto" and len(datastore) > knnlm.EXACT_MAX_KEYS and has_index):
+    if args.backend == "faiss" or (args.backend == "auto" and len(datastore) > knnlm.EXACT_MAX_KEYS
+                                   and datastore.has_index()):
         datastore.load_index(args.nprobe, args.recompute)
         backend = "faiss"
     else:

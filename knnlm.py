@@ -436,7 +436,7 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
         raise KnnlmError(f"{source}: a datastore needs at least two tokens, got {len(tokens)}")
     manifest = datastore_manifest(model, vocab, n, key_type, min_context, source)
     meta_path = os.path.join(out_dir, "meta.json")
-    progress_path = os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{shard}.json")
+    progress_path = progress_file(out_dir, shard, shards)
     if os.path.isfile(meta_path):  # finished before: reuse it if it is the same datastore
         check_same(manifest, read_json(meta_path), "this build", f"the datastore in {out_dir}")
         print(f"{out_dir} already holds this datastore")
@@ -488,11 +488,14 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
     if shard == 0:
         write_json(manifest, meta_path)
         for s in range(shards):
-            path = os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{s}.json")
-            if os.path.exists(path):  # a shard without windows wrote none
-                os.remove(path)
+            if os.path.exists(progress_file(out_dir, s, shards)):  # a shard without windows wrote none
+                os.remove(progress_file(out_dir, s, shards))
     barrier()  # the datastore is finished for every shard
     return manifest
+
+
+def progress_file(out_dir, shard, shards):
+    return os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{shard}.json")
 
 
 def open_npy(path, mode, dtype, shape):
@@ -555,6 +558,9 @@ class Datastore:
         wanted = {"dim": model.cfg.d_model, "vocab_fingerprint": vocab.fingerprint(),
                   "model_fingerprint": fingerprint(model, vocab)}
         check_same(wanted, self.meta, name, "the datastore")
+
+    def has_index(self, name="index"):
+        return os.path.isfile(index_path(self, name, "json"))
 
     def load_index(self, nprobe=32, recompute=True):
         self.index = FaissIndex(self, nprobe, recompute)
@@ -723,11 +729,15 @@ def index_train_size(n, nlist, train_size=None):
     return min(n, train_size or min(INDEX_TRAIN_SIZE, 256 * nlist))
 
 
+def index_bytes(n, d, ivf):
+    return n * (ivf.code_size + 8) + ivf.nlist * d * 4  # per key a code and an int64 id; the centroids
+
+
 def index_estimate(n, d, factory=None, train_size=None, k=1024):
     """-> (factory, {what: bytes}) for a datastore of n keys of dimension d and its index."""
     factory = factory or default_factory(n, d)
     _, ivf = empty_index(d, factory)
-    index = n * (ivf.code_size + 8) + ivf.nlist * d * 4  # per key a code and an int64 id; the centroids
+    index = index_bytes(n, d, ivf)
     sample = index_train_size(n, ivf.nlist, train_size)
     return factory, {
         "disk: keys (float16) and values (int64)": n * (2 * d + 8),
@@ -737,6 +747,11 @@ def index_estimate(n, d, factory=None, train_size=None, k=1024):
         "memory: adding (the merged index and a batch of keys)": index + INDEX_BATCH * d * 6,
         "memory: searching (the index)": index,
         f"memory: evaluation cache, per million tokens (k={k} distances and values)": 10 ** 6 * k * 8}
+
+
+def index_manifest(datastore):
+    """What an index records of the datastore it indexes, and is checked against."""
+    return {f: datastore.meta.get(f) for f in INDEX_DATASTORE_FIELDS}
 
 
 def index_path(datastore, name, part):
@@ -766,16 +781,14 @@ def plan_index(datastore, factory=None, train_size=None, shards=1, seed=0, name=
         raise KnnlmError(f"{factory} has {ivf.nlist} lists, more than the {train_size:,} keys to train them on")
     if not 1 <= shards <= n:
         raise KnnlmError(f"the number of index shards must be in [1, {n:,}], got {shards}")
-    plan = {"datastore": {f: datastore.meta.get(f) for f in INDEX_DATASTORE_FIELDS}, "factory": factory,
+    plan = {"datastore": index_manifest(datastore), "factory": factory,
             "train_size": train_size, "shards": shards, "seed": seed}
     for part, what in (("json", "the index"), ("plan.json", "the unfinished index build")):
         if os.path.isfile(index_path(datastore, name, part)):
             check_same(plan, read_json(index_path(datastore, name, part)), "this index build",
                        f"{what} {index_path(datastore, name, part)} (delete {name}.* there to build another)")
             return plan
-    check_disk_space(datastore.path, index_estimate(n, d, factory, train_size)[1]["disk: building the index "
-                                                                                 "(its shards, then the merged index)"],
-                     "the index")
+    check_disk_space(datastore.path, 2 * index_bytes(n, d, ivf), "the index")  # its shards, then the merged index
     write_json(plan, index_path(datastore, name, "plan.json"))
     return plan
 
@@ -859,7 +872,7 @@ class FaissIndex:
         if nprobe < 1:
             raise KnnlmError(f"--nprobe must be at least 1, got {nprobe}")
         self.meta = read_json(meta_path)
-        check_same({f: datastore.meta.get(f) for f in INDEX_DATASTORE_FIELDS}, self.meta.get("datastore", {}),
+        check_same(index_manifest(datastore), self.meta.get("datastore", {}),
                    f"the datastore in {datastore.path}", f"its index {name}.faiss")
         self.index = read_index(index_path(datastore, name, "faiss"))
         if (self.index.ntotal, self.index.d) != (len(datastore), datastore.meta["dim"]):
@@ -870,16 +883,17 @@ class FaissIndex:
         # Every row read through a memmap makes the kernel map 64 KB of cached file around it
         # (fault-around): random rows of a large key file soon put all of it in this process's
         # resident memory. Past RERANK_MMAP_MAX_BYTES the kernel reads rows with pread instead.
-        self.key_fd = -1
+        self.key_reader = None
         if datastore.key_file.nbytes > RERANK_MMAP_MAX_BYTES and knnlm_ext is not None:
-            self.key_fd = os.open(os.path.join(datastore.path, "keys.npy"), os.O_RDONLY)
+            self.key_reader = open(os.path.join(datastore.path, "keys.npy"), "rb")
 
     def search(self, queries, k):
         """queries [B, d] -> (squared distances [B, k] ascending, ids [B, k]), ties by id."""
         q = queries.detach().float().cpu()
         dists, ids = map(torch.from_numpy, self.index.search(q.numpy(), k))  # quantised distances
         if self.recompute:
-            dists, ids = rerank(q, self.datastore.keys, ids, fd=self.key_fd, offset=self.datastore.key_file.offset)
+            fd = self.key_reader.fileno() if self.key_reader else -1
+            dists, ids = rerank(q, self.datastore.keys, ids, fd=fd, offset=self.datastore.key_file.offset)
             release_pages(self.datastore.key_file)
         else:
             dists[ids < 0] = math.inf

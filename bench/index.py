@@ -155,7 +155,6 @@ def end_to_end(model, vocab, data_dir, datastore, results_path):
                       "search": "exact" if recompute is None else f"{datastore.index.meta['factory']}, nprobe 32"}
         print(name, rows[name], flush=True)
         del cache
-    results = knnlm.read_json(results_path)
     results["backends"] = {**rows, "setting": f"k={K}, λ={results['lambda']}, T={results['temperature']}, test split, "
                                               "command: python bench/index.py"}
     knnlm.write_json(results, results_path)
