@@ -10,6 +10,7 @@ kNN-LM: "Generalization through Memorization: Nearest Neighbor Language Models"
     6. kNN-LM        p_kNN from the neighbours (eq. 2), mixed with p_LM (eq. 3)
     7. Evaluation    perplexity over a whole split with a sliding window
 """
+import copy
 import hashlib
 import json
 import math
@@ -494,6 +495,13 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
     return manifest
 
 
+def row_context(tokens, row, width):
+    """Where datastore row `row` comes from in the text `tokens` it was built from: its key is
+    f(tokens[:row + 1]) and its value tokens[row + 1]. -> (the last `width` tokens of that
+    context, the value). Explanations use it to show the text behind a neighbour."""
+    return tokens[max(0, row + 1 - width):row + 1], tokens[row + 1]
+
+
 def progress_file(out_dir, shard, shards):
     return os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{shard}.json")
 
@@ -558,6 +566,15 @@ class Datastore:
         wanted = {"dim": model.cfg.d_model, "vocab_fingerprint": vocab.fingerprint(),
                   "model_fingerprint": fingerprint(model, vocab)}
         check_same(wanted, self.meta, name, "the datastore")
+
+    def head(self, n):
+        """The datastore of its first n rows, i.e. of the first n + 1 tokens of its text (exact search only)."""
+        if not 1 <= n <= len(self):
+            raise KnnlmError(f"a datastore of {len(self):,} keys has no first {n:,} rows")
+        part = copy.copy(self)
+        part.keys, part.vals, part.key_norms, part.index = self.keys[:n], self.vals[:n], self.key_norms[:n], None
+        part.meta = {**self.meta, "count": n}
+        return part
 
     def has_index(self, name="index"):
         return os.path.isfile(index_path(self, name, "json"))
@@ -963,35 +980,45 @@ def interpolate(log_p_lm, log_p_knn, lmbda):
 
 @torch.no_grad()
 def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_size=16,
-                key_type="ffn_in_ln", backend="auto", progress=True, desc="evaluate"):
+                key_type="ffn_in_ln", backend="auto", progress=True, desc="evaluate", keep_queries=False):
     """-> dict with targets [n], log_p_lm [n], and with a datastore dists [n, k], neighbour_vals [n, k]
-    and search_seconds (the time spent searching)."""
+    and search_seconds (the time spent searching). keep_queries also keeps the query keys
+    [n, d], so that other datastores can be searched later without the model."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    out = {"targets": [], "log_p_lm": [], "dists": [], "neighbour_vals": []}
+    out = {"targets": [], "log_p_lm": [], "queries": [], "dists": [], "neighbour_vals": []}
     search_seconds = 0.0
     bar = tqdm(total=len(tokens) - 1, unit="tok", desc=desc, disable=not progress)
     for x, y, scored in sliding_batches(tokens, cfg.block_size, min_context, batch_size):
         x, y, scored = x.to(device), y.to(device), scored.to(device)
         logits, keys = model(x, key_type=key_type)
         log_p = F.log_softmax(logits[scored].float(), dim=-1)
-        targets = y[scored]
+        targets, queries = y[scored], keys[scored].float()
         out["targets"].append(targets.cpu())
         out["log_p_lm"].append(log_p.gather(1, targets[:, None])[:, 0].cpu())
+        if keep_queries:
+            out["queries"].append(queries.cpu())
         if datastore is not None:
             t = time.time()
-            dists, ids = datastore.search(keys[scored].float(), k, backend)
+            dists, vals = neighbours(datastore, queries, k, backend)
             search_seconds += time.time() - t
-            out["dists"].append(dists.cpu())
-            out["neighbour_vals"].append(datastore.vals[ids.cpu()].int())  # int32: half the memory
+            out["dists"].append(dists), out["neighbour_vals"].append(vals)
         bar.update(len(targets))
     bar.close()
     return {**{name: torch.cat(parts) for name, parts in out.items() if parts}, "search_seconds": search_seconds}
 
 
-def knnlm_log_probs(cache, lmbda, temperature=1.0):
-    """Re-mix a score_split cache: log p(target) of kNN-LM at (λ, T) for every token."""
-    log_p_knn = knn_log_prob(cache["dists"], cache["neighbour_vals"], cache["targets"], temperature)
+def neighbours(datastore, queries, k, backend="auto"):
+    """The k nearest neighbours of queries [B, d]: (squared distances [B, k], their values [B, k] int32)."""
+    dists, ids = datastore.search(queries, k, backend)
+    return dists.cpu(), datastore.vals[ids.cpu()].int()  # int32: half the memory
+
+
+def knnlm_log_probs(cache, lmbda, temperature=1.0, k=None):
+    """Re-mix a score_split cache: log p(target) of kNN-LM at (λ, T) for every token, from the
+    nearest k of its neighbours (default: all). The neighbours are sorted, so a smaller k is a
+    prefix of the cache: one pass at k = 1024 serves every k below."""
+    log_p_knn = knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], temperature)
     return interpolate(cache["log_p_lm"], log_p_knn, lmbda)
 
 
@@ -999,11 +1026,11 @@ def perplexity(log_probs):
     return math.exp(-log_probs.double().mean().item())
 
 
-def tune(cache, lambdas, temperatures):
-    """Grid search of (λ, T) on a cache; -> (best λ, best T, its perplexity, all results)."""
+def tune(cache, lambdas, temperatures, k=None):
+    """Grid search of (λ, T) on a cache (its nearest k neighbours); -> (best λ, best T, its perplexity, all results)."""
     results = []
     for T in temperatures:
-        log_p_knn = knn_log_prob(cache["dists"], cache["neighbour_vals"], cache["targets"], T)
+        log_p_knn = knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], T)
         for lmbda in lambdas:
             results.append((perplexity(interpolate(cache["log_p_lm"], log_p_knn, lmbda)), lmbda, T))
     ppl, lmbda, T = min(results)

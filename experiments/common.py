@@ -1,0 +1,125 @@
+"""What the analyses share: their command-line options, the one cached pass over a split
+(p_LM, the query keys and the k nearest neighbours of every token, kept on disk so that
+every analysis and every rerun re-mixes it instead of searching again), tuning, and
+writing each analysis's numbers (JSON) and plot (PNG) to experiments/results/."""
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import knnlm  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "experiments", "results")
+LAMBDAS = [i / 20 for i in range(21)]                     # 0, 0.05, ..., 1
+TEMPERATURES = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+KS = [2 ** i for i in range(11)]                          # 1, 2, 4, ..., 1024
+
+
+def parser(doc, split="valid"):
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/wikitext-103-small",
+                   help="directory with wiki.{train,valid,test}.tokens (default: %(default)s)")
+    p.add_argument("--split", default=split, choices=knnlm.SPLITS, help="split to analyse (default: %(default)s)")
+    p.add_argument("--checkpoint", default="runs/model.pt", help="model from train.py (default: %(default)s)")
+    p.add_argument("--datastore", default="runs/datastore",
+                   help="datastore from build_datastore.py (default: %(default)s)")
+    p.add_argument("--k", type=int, default=1024, help="neighbours kept per token (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=knnlm.SEARCH_BACKENDS,
+                   help="exact search: torch, ext (the C++ kernel) or auto (default: %(default)s)")
+    p.add_argument("--cache-dir", default="runs/cache",
+                   help="where the cached passes are kept (default: %(default)s)")
+    p.add_argument("--out", default=RESULTS, help="where the JSON and PNG go (default: experiments/results)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def load(args, datastore=None):
+    """-> (model, vocab, datastore, the corpus directory) from the common options, checked."""
+    with knnlm.user_errors():
+        model, vocab, _ = knnlm.load_checkpoint(args.checkpoint, knnlm.check_device(args.device))
+        datastore = knnlm.Datastore(datastore or args.datastore)
+        datastore.check_model(model, vocab, args.checkpoint)
+        if args.k > len(datastore):
+            raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
+        data_dir = knnlm.resolve_corpus(args.data)
+    return model, vocab, datastore, data_dir
+
+
+def cached_pass(args, model, vocab, datastore, data_dir, split=None):
+    """score_split over a split, with the query keys, kept in args.cache_dir: the first call
+    computes it, later ones (any analysis, any rerun) load it. The file is named by
+    everything it depends on, and checked against it when loaded."""
+    split = split or args.split
+    path = knnlm.split_path(data_dir, split)
+    key = {"model": knnlm.fingerprint(model, vocab), "text": knnlm.file_fingerprint(path), "k": args.k,
+           "datastore": {f: datastore.meta[f] for f in ("count", "key_type", "source", "model_fingerprint")}}
+    name = f"{split}-{knnlm.hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt"
+    cache_path = os.path.join(args.cache_dir, name)
+    if os.path.isfile(cache_path):
+        cache = torch.load(cache_path)
+        if cache["key"] == key:
+            print(f"{split}: the cached pass {cache_path} ({len(cache['targets']):,} tokens)")
+            return cache
+    tokens = vocab.encode_file(path)
+    backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
+    cache = knnlm.score_split(model, tokens, datastore, args.k, key_type=datastore.meta["key_type"],
+                              backend=backend, desc=f"{split} (one pass, then cached)", keep_queries=True)
+    cache["key"] = key
+    os.makedirs(args.cache_dir, exist_ok=True)
+    with knnlm.atomic_write(cache_path) as tmp:
+        torch.save(cache, tmp)
+    return cache
+
+
+def search_all(datastore, queries, k, backend="auto", batch=2048, desc="search"):
+    """The k nearest neighbours of all cached queries [n, d] in another datastore (or a part of one),
+    in batches: -> (dists [n, k], neighbour_vals [n, k]), like a score_split cache."""
+    out, t = [], time.time()
+    for s in knnlm.tqdm(range(0, len(queries), batch), desc=desc, unit="batch"):
+        out.append(knnlm.neighbours(datastore, queries[s:s + batch].float(), k, backend))
+    dists, vals = map(torch.cat, zip(*out))
+    return dists, vals, time.time() - t
+
+
+def best(cache, lambdas=LAMBDAS, temperatures=TEMPERATURES, k=None):
+    """The lowest perplexity over a (λ, T) grid: -> {"ppl", "lambda", "temperature"}."""
+    lmbda, T, ppl, _ = knnlm.tune(cache, lambdas, temperatures, k)
+    return {"ppl": ppl, "lambda": lmbda, "temperature": T}
+
+
+def lambda_curve(cache, T=1.0, k=None):
+    """Perplexity at every λ of the grid, at temperature T: {λ: ppl}."""
+    log_p_knn = knnlm.knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], T)
+    return {lmbda: knnlm.perplexity(knnlm.interpolate(cache["log_p_lm"], log_p_knn, lmbda)) for lmbda in LAMBDAS}
+
+
+def machine():
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def finite(x):
+    """inf/nan -> None, so the JSON is standard (λ = 1 gives an infinite perplexity when a token has no neighbour)."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def corpus_name(args):
+    return os.path.basename(os.path.normpath(args.data))
+
+
+def save(args, name, numbers, fig):
+    """Write experiments/results/<name>.json (with the command that made it) and <name>.png."""
+    os.makedirs(args.out, exist_ok=True)
+    numbers = {**numbers, "command": "python " + " ".join(sys.argv), "machine": machine()}
+    knnlm.write_json(finite(numbers), os.path.join(args.out, f"{name}.json"))
+    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120, bbox_inches="tight")
+    print(f"wrote {os.path.join(args.out, name)}.json and .png")

@@ -1,0 +1,100 @@
+"""
+Domain adaptation (the paper's section 4.3): the model trained on WikiText, with no
+retraining, gets a datastore built from another domain's training split; λ is tuned
+on that domain's validation split and perplexity reported on its test split, next to
+the LM alone and to kNN-LM with the model's own (WikiText) datastore.
+
+The other domain, by default, is the fortune cookies of Debian's `fortunes` package
+(quotations, jokes, definitions: ~0.5 M words of short modern English), fetched with
+`apt-get download` and turned into the WikiText format by experiments/to_wikitext.py.
+Any raw text (--raw, --separator) or any directory already in the WikiText format
+(--target-data) works too. Words outside the model's vocabulary become <unk>.
+
+    python experiments/domain_adaptation.py --data ../shared/data/wikitext-103-small
+
+-> experiments/results/domain_adaptation.{json,png}
+"""
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import common  # noqa: E402
+import to_wikitext  # noqa: E402
+from common import knnlm  # noqa: E402
+
+p = common.parser(__doc__)
+p.add_argument("--target-data", default="data/fortunes",
+               help="the other domain in the WikiText format; made from --raw when missing (default: %(default)s)")
+p.add_argument("--raw", nargs="+", default=None,
+               help="raw text files or directories to convert (default: the `fortunes` Debian package)")
+p.add_argument("--separator", default="%", help="line separating documents in the raw files (default: %(default)s)")
+p.add_argument("--target-datastore", default="runs/datastore-fortunes",
+               help="the datastore of the other domain's train split (default: %(default)s)")
+args = p.parse_args()
+
+
+def fetch_fortunes(dest):
+    """Debian's `fortunes` package, unpacked (no root needed): -> the directory of fortune files."""
+    files = os.path.join(dest, "usr", "share", "games", "fortunes")
+    if not os.path.isdir(files):
+        os.makedirs(dest, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            got = subprocess.run(["apt-get", "download", "fortunes"], cwd=tmp, capture_output=True, text=True)
+            debs = glob.glob(os.path.join(tmp, "fortunes_*.deb"))
+            if got.returncode != 0 or not debs:
+                raise knnlm.KnnlmError("could not fetch Debian's fortunes package (`apt-get download fortunes`: "
+                                       f"{got.stderr.strip() or 'no .deb'}); run `apt-get update` first, or pass "
+                                       "--raw with text files of your own")
+            subprocess.run(["dpkg-deb", "-x", debs[0], dest], check=True)
+    return files
+
+
+with knnlm.user_errors():
+    if not all(os.path.isfile(knnlm.split_path(args.target_data, s)) for s in knnlm.SPLITS):
+        raw = args.raw or [fetch_fortunes("runs/raw/fortunes")]
+        counts = to_wikitext.convert(raw, args.target_data, args.separator)
+        print(f"wrote {args.target_data} from {' '.join(raw)}: {counts}")
+if not os.path.isfile(os.path.join(args.target_datastore, "meta.json")):
+    subprocess.run([sys.executable, os.path.join(common.ROOT, "build_datastore.py"), "--data", args.target_data,
+                    "--checkpoint", args.checkpoint, "--out", args.target_datastore, "--device", args.device],
+                   check=True)
+
+datastores = {"in-domain (WikiText train)": args.datastore, "target domain (its train)": args.target_datastore}
+numbers = {"target_data": args.target_data, "k": args.k, "datastores": {}}
+fig, ax = plt.subplots(figsize=(7, 4.5))
+for name, path in datastores.items():
+    model, vocab, datastore, _ = common.load(args, path)
+    target = knnlm.resolve_corpus(args.target_data)
+    valid = common.cached_pass(args, model, vocab, datastore, target, "valid")
+    test = common.cached_pass(args, model, vocab, datastore, target, "test")
+    tuned = common.best(valid, temperatures=[1])  # the paper's protocol: λ tuned on valid, T = 1
+    curve = common.lambda_curve(valid)
+    numbers["datastores"][name] = {
+        "datastore": path, "keys": len(datastore), "valid_lambda_curve": curve, "best_on_valid": tuned,
+        "tuned_T": common.best(valid),
+        "test_knnlm_ppl": knnlm.perplexity(knnlm.knnlm_log_probs(test, tuned["lambda"])),
+        "test_lm_ppl": knnlm.perplexity(test["log_p_lm"]), "valid_lm_ppl": knnlm.perplexity(valid["log_p_lm"]),
+        "unk_rate_test": (test["targets"] == vocab.unk).float().mean().item()}
+    ax.plot(list(curve), list(curve.values()), marker=".",
+            label=f"{args.target_data} valid, datastore: {name}, best λ = {tuned['lambda']}")
+    print(name, {k: v for k, v in numbers["datastores"][name].items() if k != "valid_lambda_curve"})
+
+# the in-domain curve for comparison: WikiText valid, WikiText datastore (the sweeps' cached pass)
+model, vocab, datastore, data_dir = common.load(args)
+wiki = common.cached_pass(args, model, vocab, datastore, data_dir, "valid")
+curve = common.lambda_curve(wiki)
+numbers["in_domain_valid"] = {"lambda_curve": curve, "best": common.best(wiki, temperatures=[1])}
+ax2 = ax.twinx()
+ax2.plot(list(curve), list(curve.values()), color="gray", ls=":", marker=".",
+         label=f"{common.corpus_name(args)} valid (in domain), best λ = {numbers['in_domain_valid']['best']['lambda']}")
+ax.set(xlabel="λ (weight of p_kNN), T = 1", ylabel=f"{args.target_data} valid perplexity", yscale="log")
+ax2.set(ylabel=f"{common.corpus_name(args)} valid perplexity (dotted)", yscale="log")
+ax.legend(loc="upper left", fontsize=8), ax2.legend(loc="upper right", fontsize=8)
+ax.set_title(f"Domain adaptation: a WikiText model on {os.path.basename(os.path.normpath(args.target_data))}")
+common.save(args, "domain_adaptation", numbers, fig)

@@ -1,0 +1,166 @@
+"""The analyses of experiments/: what they compute from a cache equals a fresh evaluation,
+explanations find the text behind a datastore row, the raw-text converter writes WikiText,
+and every analysis runs from its command on a tiny corpus."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import knnlm
+from helpers import ROOT, WORDS, run, tiny_model, write_corpus
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import to_wikitext  # noqa: E402
+
+
+@pytest.fixture
+def built(tmp_path):
+    vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK] + WORDS[:18])
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, len(vocab), size=300))
+    model = tiny_model(len(vocab))
+    knnlm.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4, progress=False)
+    return model, vocab, tokens, knnlm.Datastore(str(tmp_path / "ds"))
+
+
+# ---------------------------------------------------------------- one cached pass, re-mixed
+
+def test_remixing_the_cache_equals_a_fresh_evaluation(built):
+    model, vocab, tokens, datastore = built
+    text = torch.from_numpy(np.random.default_rng(1).integers(0, len(vocab), size=200))  # not the datastore's
+    cache = knnlm.score_split(model, text, datastore, k=64, min_context=6, batch_size=4, progress=False,
+                              keep_queries=True)
+    for k, lmbda, T in [(1, 0.25, 1.0), (7, 0.5, 2.0), (64, 0.9, 0.5)]:
+        fresh = knnlm.score_split(model, text, datastore, k=k, min_context=6, batch_size=4, progress=False)
+        assert torch.allclose(knnlm.knnlm_log_probs(cache, lmbda, T, k=k),
+                              knnlm.knnlm_log_probs(fresh, lmbda, T), atol=1e-5)
+        # tuning on the cache at this k finds the same best as tuning the fresh pass
+        assert knnlm.tune(cache, [0.1, 0.5], [1.0, 4.0], k=k)[:2] == knnlm.tune(fresh, [0.1, 0.5], [1.0, 4.0])[:2]
+    # the cached queries are the model's: searching them again gives the cached neighbours
+    dists, vals = knnlm.neighbours(datastore, cache["queries"], 64)
+    assert torch.equal(vals, cache["neighbour_vals"]) and torch.allclose(dists, cache["dists"])
+
+
+def test_the_first_rows_of_a_datastore_are_the_datastore_of_the_first_tokens(built, tmp_path):
+    model, vocab, tokens, datastore = built
+    n = 123
+    knnlm.build_datastore(model, vocab, tokens[:n + 1], str(tmp_path / "head"), min_context=6, batch_size=4,
+                          progress=False)
+    head, prefix = datastore.head(n), knnlm.Datastore(str(tmp_path / "head"))
+    assert torch.equal(head.keys, prefix.keys) and torch.equal(head.vals, prefix.vals) and len(head) == n
+    queries = torch.randn(5, 16)
+    assert all(torch.equal(a, b) for a, b in zip(head.search(queries, 10), prefix.search(queries, 10)))
+    with pytest.raises(knnlm.KnnlmError, match="no first"):
+        datastore.head(len(datastore) + 1)
+
+
+# ---------------------------------------------------------------- explanations
+
+def test_a_datastore_row_maps_back_to_the_text_that_produced_it(built):
+    model, vocab, tokens, datastore = built
+    windows = knnlm.sliding_windows(len(tokens), model.cfg.block_size, 6)
+    for row in [0, 1, 5, 57, 150, len(datastore) - 1]:
+        context, value = knnlm.row_context(tokens, row, width=6)
+        assert value == tokens[row + 1] == datastore.vals[row]
+        assert torch.equal(context, tokens[max(0, row - 5):row + 1])  # the tokens just before the target
+        # and the stored key is the model's key of exactly that left context (in the window that scored it)
+        begin = next(b for b, e, first in windows if b + first <= row < e)
+        with torch.no_grad():
+            _, keys = model(tokens[None, begin:row + 1], key_type="ffn_in_ln")
+        assert torch.allclose(datastore.keys[row].float(), keys[0, -1], atol=1e-2)
+
+
+# ---------------------------------------------------------------- raw text -> WikiText
+
+RAW = """The well-known cat sat on 1,000.5 mats.
+It didn't mind!
+
+A second paragraph (short).
+%
+Another document: e-mail me.
+%
+A third one -- the last.
+"""
+
+
+def test_raw_text_is_converted_into_the_wikitext_format(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.txt").write_text(RAW)
+    docs = list(to_wikitext.documents([str(tmp_path / "raw")], separator="%"))
+    assert docs == [["The well-known cat sat on 1,000.5 mats. It didn't mind!", "A second paragraph (short)."],
+                    ["Another document: e-mail me."], ["A third one -- the last."]]
+    tokenizer = to_wikitext.MosesTokenizer(lang="en")
+    assert [to_wikitext.wikitext_line(p, tokenizer) for p in docs[0]] == [
+        " The well @-@ known cat sat on 1 @,@ 000 @.@ 5 mats . It didn 't mind ! \n",
+        " A second paragraph ( short ) . \n"]
+    counts = to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out"), separator="%", valid=0.3, test=0.3)
+    assert counts == {"valid": 1, "test": 1, "train": 1}
+    lines = sorted(line for s in knnlm.SPLITS for line in open(knnlm.split_path(tmp_path / "out", s)))
+    assert lines == sorted([" \n"] * 3 + [" The well @-@ known cat sat on 1 @,@ 000 @.@ 5 mats . It didn 't mind ! \n",
+                                          " A second paragraph ( short ) . \n", " Another document : e @-@ mail me . \n",
+                                          " A third one -- the last . \n"])
+    knnlm.check_corpus(str(tmp_path / "out"))  # the pipeline reads it as it reads WikiText
+    with pytest.raises(knnlm.KnnlmError, match="at least 3"):
+        to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out2"))  # one file, no separator: 1 document
+
+
+# ---------------------------------------------------------------- every analysis from its command
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model, its datastore and FAISS index, made with the scripts as a user would."""
+    tmp = tmp_path_factory.mktemp("experiments")
+    data = write_corpus(tmp / "corpus", n_lines=(200, 30, 30))
+    run("train.py", "--data", data, "--preset", "tiny", "--max-iters", "20", "--eval-interval", "10",
+        "--batch-size", "4", "--warmup-iters", "5", cwd=tmp)
+    run("build_datastore.py", "--data", data, "--index", "--factory", "IVF4,Flat", cwd=tmp)
+    return tmp, data
+
+
+def results(tmp, name):
+    assert os.path.getsize(tmp / "out" / f"{name}.png") > 1000
+    return json.load(open(tmp / "out" / f"{name}.json"))
+
+
+def test_every_analysis_runs_from_its_command(trained):
+    tmp, data = trained
+    common = ("--data", data, "--k", "32", "--out", "out")
+    run("experiments/sweeps.py", *common, cwd=tmp)
+    sweeps = results(tmp, "sweeps")
+    assert sweeps["lambda"]["T=1"]["0.0"] == pytest.approx(sweeps["lm_ppl"])  # λ = 0 is the LM alone
+    assert sweeps["best"]["ppl"] <= sweeps["lm_ppl"] and list(sweeps["k"]["T=1"]) == ["1", "2", "4", "8", "16", "32"]
+
+    out = run("experiments/datastore_size.py", *common, "--fractions", "0.25", "1", cwd=tmp).stdout
+    assert "cached pass" in out  # the sweeps' pass, not a new one
+    size = results(tmp, "datastore_size")
+    assert [s["fraction"] for s in size["sizes"]] == [0.25, 1]
+    assert size["sizes"][-1]["tuned"] == sweeps["best"]  # the whole datastore is the sweeps' cache
+
+    run("experiments/exact_vs_approx.py", *common, "--nprobes", "1", "4", cwd=tmp)
+    approx = results(tmp, "exact_vs_approx")
+    every_list = [r for r in approx["faiss"] if r["nprobe"] == 4 and r["recompute"]][0]
+    assert every_list["ppl"] == pytest.approx(approx["exact"]["ppl"], rel=1e-5)  # IVF4,Flat, all 4 lists: exact
+
+    run("experiments/key_types.py", *common, "--key-types", "ffn_in_ln", "attn_out", cwd=tmp)
+    keys = results(tmp, "key_types")
+    assert [r["key_type"] for r in keys["key_types"]] == ["ffn_in_ln", "attn_out"]
+    assert keys["key_types"][0]["tuned"] == sweeps["best"]
+    assert json.load(open(tmp / "runs" / "datastore-attn_out" / "meta.json"))["key_type"] == "attn_out"
+
+    (tmp / "raw").mkdir()
+    rng = np.random.default_rng(2)
+    (tmp / "raw" / "other.txt").write_text("\n%\n".join(" ".join(rng.choice(WORDS[::-1] + ["zebra"], 12)) + "."
+                                                          for _ in range(120)))
+    run("experiments/domain_adaptation.py", *common, "--raw", "raw", "--target-data", "other", cwd=tmp)
+    domain = results(tmp, "domain_adaptation")
+    ours = domain["datastores"]["target domain (its train)"]
+    assert ours["test_knnlm_ppl"] <= ours["test_lm_ppl"] * 1.05 and ours["unk_rate_test"] > 0  # "zebra" is unknown
+
+    out = run("experiments/explain.py", *common, "--top", "2", "--neighbours", "3", cwd=tmp).stdout
+    explain = results(tmp, "explain")
+    assert len(explain["records"]) == 2 and "| weight |" in out
+    for record in explain["records"]:
+        assert record["p_knn"] > record["p_lm"] or record["p_knn"] == 0  # the top of "p_kNN most exceeds p_LM"
+        assert len(record["neighbours"]) == 3
