@@ -17,7 +17,7 @@ import knnlm  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 LAMBDAS = [i / 20 for i in range(21)]                     # 0, 0.05, ..., 1
-TEMPERATURES = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+TEMPERATURES = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256]
 KS = [2 ** i for i in range(11)]                          # 1, 2, 4, ..., 1024
 
 
@@ -51,30 +51,34 @@ def load(args, datastore=None):
     return model, vocab, datastore, data_dir
 
 
+def cached(args, prefix, key, compute):
+    """compute() -> dict, done once: kept in args.cache_dir under a name made from everything it
+    depends on (key, checked again when loaded), so later calls (any analysis, any rerun) load it."""
+    path = os.path.join(args.cache_dir, f"{prefix}-{knnlm.hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt")
+    if os.path.isfile(path):
+        found = torch.load(path)
+        if found["key"] == key:
+            print(f"{prefix}: cached in {path}")
+            return found
+    result = {**compute(), "key": key}
+    os.makedirs(args.cache_dir, exist_ok=True)
+    with knnlm.atomic_write(path) as tmp:
+        torch.save(result, tmp)
+    return result
+
+
 def cached_pass(args, model, vocab, datastore, data_dir, split=None):
-    """score_split over a split, with the query keys, kept in args.cache_dir: the first call
-    computes it, later ones (any analysis, any rerun) load it. The file is named by
-    everything it depends on, and checked against it when loaded."""
+    """score_split over a split (p_LM, the neighbours and the query keys of every token), cached."""
     split = split or args.split
     path = knnlm.split_path(data_dir, split)
     key = {"model": knnlm.fingerprint(model, vocab), "text": knnlm.file_fingerprint(path), "k": args.k,
            "datastore": {f: datastore.meta[f] for f in ("count", "key_type", "source", "model_fingerprint")}}
-    name = f"{split}-{knnlm.hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt"
-    cache_path = os.path.join(args.cache_dir, name)
-    if os.path.isfile(cache_path):
-        cache = torch.load(cache_path)
-        if cache["key"] == key:
-            print(f"{split}: the cached pass {cache_path} ({len(cache['targets']):,} tokens)")
-            return cache
-    tokens = vocab.encode_file(path)
-    backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
-    cache = knnlm.score_split(model, tokens, datastore, args.k, key_type=datastore.meta["key_type"],
-                              backend=backend, desc=f"{split} (one pass, then cached)", keep_queries=True)
-    cache["key"] = key
-    os.makedirs(args.cache_dir, exist_ok=True)
-    with knnlm.atomic_write(cache_path) as tmp:
-        torch.save(cache, tmp)
-    return cache
+
+    def compute():
+        backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
+        return knnlm.score_split(model, vocab.encode_file(path), datastore, args.k, key_type=datastore.meta["key_type"],
+                                 backend=backend, desc=f"{split} (one pass, then cached)", keep_queries=True)
+    return cached(args, split, key, compute)
 
 
 def search_all(datastore, queries, k, backend="auto", batch=2048, desc="search"):
@@ -95,8 +99,7 @@ def best(cache, lambdas=LAMBDAS, temperatures=TEMPERATURES, k=None):
 
 def lambda_curve(cache, T=1.0, k=None):
     """Perplexity at every λ of the grid, at temperature T: {λ: ppl}."""
-    log_p_knn = knnlm.knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], T)
-    return {lmbda: knnlm.perplexity(knnlm.interpolate(cache["log_p_lm"], log_p_knn, lmbda)) for lmbda in LAMBDAS}
+    return {lmbda: ppl for ppl, lmbda, _ in knnlm.tune(cache, LAMBDAS, [T], k)[3]}
 
 
 def machine():

@@ -36,9 +36,11 @@ for fraction in sorted(args.fractions):
         continue
     part = cache
     if n < len(datastore):
-        dists, vals, seconds = common.search_all(datastore.head(n), cache["queries"], args.k, backend,
-                                                 desc=f"{n:,} keys")
-        part = {**cache, "dists": dists, "neighbour_vals": vals}
+        def search():
+            dists, vals, seconds = common.search_all(datastore.head(n), cache["queries"], args.k, backend,
+                                                     desc=f"{n:,} keys")
+            return {"dists": dists, "neighbour_vals": vals, "search_seconds": seconds}
+        part = {**cache, **common.cached(args, f"{args.split}-first{n}", {**cache["key"], "first_rows": n}, search)}
     sizes.append({"fraction": fraction, "keys": n,
                   "paper": common.best(part, temperatures=[1]),  # the paper's protocol: T = 1, λ tuned
                   "tuned": common.best(part)})                   # λ and T tuned
@@ -52,7 +54,11 @@ for name, label in (("paper", "T = 1, λ tuned"), ("tuned", "λ and T tuned")):
 ax1.axhline(lm_ppl, color="gray", ls="--", label="LM alone")
 ax1.set(xscale="log", xlabel="datastore size (keys, first part of the training split)",
         ylabel=f"{args.split} perplexity", title="perplexity")
-ax2.set(xscale="log", xlabel="datastore size (keys)", ylabel="best λ", title="best λ", ylim=(0, 1))
-ax1.legend(), ax2.legend()
+ax2.set(xscale="log", xlabel="datastore size (keys)", ylabel="best λ", title="best λ")
+ax2.set_ylim(bottom=0)
+for ax in (ax1, ax2):
+    ax.set_xticks(keys, [f"{n / 1000:.0f}k" for n in keys], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.legend()
 fig.suptitle(f"kNN-LM on {common.corpus_name(args)} {args.split} (k = {args.k}) as the datastore grows")
 common.save(args, "datastore_size", {"split": args.split, "k": args.k, "lm_ppl": lm_ppl, "sizes": sizes}, fig)

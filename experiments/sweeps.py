@@ -10,6 +10,7 @@ work found matters), all from one cached pass over the validation split: p_LM an
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 import common  # noqa: E402
 from common import KS, TEMPERATURES, knnlm  # noqa: E402
@@ -33,6 +34,10 @@ numbers = {
     "k": {f"T={T}": {k: common.best(cache, temperatures=[T], k=k) for k in ks} for T in (1, T_best)},
     # temperature, λ tuned for each T, at k = 1024
     "temperature": {T: common.best(cache, temperatures=[T]) for T in TEMPERATURES},
+    # why T matters: how far the neighbours are, and how much of p_kNN the nearest few carry
+    "median_distance": {rank: cache["dists"][:, rank - 1].median().item() for rank in ks},
+    "mass_of_nearest": {f"T={T}": {n: torch.softmax(-cache["dists"] / T, 1)[:, :n].sum(1).mean().item()
+                                   for n in (1, 8, 128)} for T in (1, T_best)},
 }
 
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -48,7 +53,7 @@ for name, curve in numbers["k"].items():
     ax.plot(list(curve), [r["ppl"] for r in curve.values()], marker=".", label=f"kNN-LM, {name}, λ tuned per k")
 ax.axhline(lm_ppl, color="gray", ls="--", label="LM alone")
 ax.set(xscale="log", xlabel="k (neighbours)", ylabel=f"{args.split} perplexity", title="k")
-ax.set_xticks(ks, [str(k) for k in ks])
+ax.set_xticks(ks[::2], [str(k) for k in ks[::2]])
 ax.legend()
 ax = axes[2]
 curve = numbers["temperature"]

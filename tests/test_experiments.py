@@ -133,7 +133,7 @@ def test_every_analysis_runs_from_its_command(trained):
     assert sweeps["best"]["ppl"] <= sweeps["lm_ppl"] and list(sweeps["k"]["T=1"]) == ["1", "2", "4", "8", "16", "32"]
 
     out = run("experiments/datastore_size.py", *common, "--fractions", "0.25", "1", cwd=tmp).stdout
-    assert "cached pass" in out  # the sweeps' pass, not a new one
+    assert "valid: cached in" in out  # the sweeps' pass, not a new one
     size = results(tmp, "datastore_size")
     assert [s["fraction"] for s in size["sizes"]] == [0.25, 1]
     assert size["sizes"][-1]["tuned"] == sweeps["best"]  # the whole datastore is the sweeps' cache
