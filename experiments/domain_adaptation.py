@@ -65,36 +65,54 @@ if not os.path.isfile(os.path.join(args.target_datastore, "meta.json")):
                     "--checkpoint", args.checkpoint, "--out", args.target_datastore, "--device", args.device],
                    check=True)
 
-datastores = {"in-domain (WikiText train)": args.datastore, "target domain (its train)": args.target_datastore}
+target_name = os.path.basename(os.path.normpath(args.target_data))
 numbers = {"target_data": args.target_data, "k": args.k, "datastores": {}}
-fig, ax = plt.subplots(figsize=(7, 4.5))
-for name, path in datastores.items():
+curves = {}  # label -> (valid cache, its best at T = 1, its best (λ, T))
+
+
+def tuned_curves(label, valid):
+    curves[label] = (valid, common.best(valid, temperatures=[1]), common.best(valid))
+    return curves[label]
+
+
+for name, path in {"WikiText train": args.datastore, f"{target_name} train": args.target_datastore}.items():
     model, vocab, datastore, _ = common.load(args, path)
     target = knnlm.resolve_corpus(args.target_data)
     valid = common.cached_pass(args, model, vocab, datastore, target, "valid")
     test = common.cached_pass(args, model, vocab, datastore, target, "test")
-    tuned = common.best(valid, temperatures=[1])  # the paper's protocol: λ tuned on valid, T = 1
-    curve = common.lambda_curve(valid)
+    _, tuned, tuned_T = tuned_curves(f"{target_name} valid, {name} datastore", valid)
     numbers["datastores"][name] = {
-        "datastore": path, "keys": len(datastore), "valid_lambda_curve": curve, "best_on_valid": tuned,
-        "tuned_T": common.best(valid),
+        "datastore": path, "keys": len(datastore),
+        "best_on_valid": tuned,  # the paper's protocol: λ tuned on valid, T = 1
+        "tuned_T": tuned_T,      # λ and T tuned on valid
         "test_knnlm_ppl": knnlm.perplexity(knnlm.knnlm_log_probs(test, tuned["lambda"])),
+        "test_knnlm_ppl_tuned_T": knnlm.perplexity(knnlm.knnlm_log_probs(test, tuned_T["lambda"],
+                                                                         tuned_T["temperature"])),
         "test_lm_ppl": knnlm.perplexity(test["log_p_lm"]), "valid_lm_ppl": knnlm.perplexity(valid["log_p_lm"]),
         "unk_rate_test": (test["targets"] == vocab.unk).float().mean().item()}
-    ax.plot(list(curve), list(curve.values()), marker=".",
-            label=f"{args.target_data} valid, datastore: {name}, best λ = {tuned['lambda']}")
-    print(name, {k: v for k, v in numbers["datastores"][name].items() if k != "valid_lambda_curve"})
+    print(name, numbers["datastores"][name])
 
-# the in-domain curve for comparison: WikiText valid, WikiText datastore (the sweeps' cached pass)
+# in domain, for comparison: WikiText valid with the WikiText datastore (the sweeps' cached pass)
 model, vocab, datastore, data_dir = common.load(args)
 wiki = common.cached_pass(args, model, vocab, datastore, data_dir, "valid")
-curve = common.lambda_curve(wiki)
-numbers["in_domain_valid"] = {"lambda_curve": curve, "best": common.best(wiki, temperatures=[1])}
-ax2 = ax.twinx()
-ax2.plot(list(curve), list(curve.values()), color="gray", ls=":", marker=".",
-         label=f"{common.corpus_name(args)} valid (in domain), best λ = {numbers['in_domain_valid']['best']['lambda']}")
-ax.set(xlabel="λ (weight of p_kNN), T = 1", ylabel=f"{args.target_data} valid perplexity", yscale="log")
-ax2.set(ylabel=f"{common.corpus_name(args)} valid perplexity (dotted)", yscale="log")
-ax.legend(loc="upper left", fontsize=8), ax2.legend(loc="upper right", fontsize=8)
-ax.set_title(f"Domain adaptation: a WikiText model on {os.path.basename(os.path.normpath(args.target_data))}")
+_, tuned, tuned_T = tuned_curves(f"{common.corpus_name(args)} valid, WikiText train datastore (in domain)", wiki)
+numbers["in_domain_valid"] = {"best_on_valid": tuned, "tuned_T": tuned_T}
+
+# λ curves relative to the LM alone, at T = 1 (the paper's) and at each one's tuned T
+fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True, layout="constrained")
+numbers["lambda_curves"] = {}
+for label, (valid, tuned, tuned_T) in curves.items():
+    lm = knnlm.perplexity(valid["log_p_lm"])
+    for ax, best_at in zip(axes, (tuned, tuned_T)):
+        curve = common.lambda_curve(valid, best_at["temperature"])
+        numbers["lambda_curves"][f"{label}, T={best_at['temperature']}"] = curve
+        ax.plot(list(curve), [ppl / lm if ppl else None for ppl in curve.values()], marker=".",
+                ls=":" if "in domain" in label else "-",
+                label=f"{label}: best λ = {best_at['lambda']}" + ("" if ax is axes[0] else f" (T = {best_at['temperature']})"))
+for ax, title in zip(axes, ("T = 1 (the paper's)", "T tuned on valid")):
+    ax.axhline(1, color="gray", ls="--", lw=0.8)
+    ax.set(xlabel="λ (weight of p_kNN)", title=title, ylim=(0.5, 1.5))
+    ax.legend(fontsize=8, loc="upper left")
+axes[0].set_ylabel("valid perplexity / the LM's")
+fig.suptitle(f"Domain adaptation: the WikiText model, no retraining, on {target_name}")
 common.save(args, "domain_adaptation", numbers, fig)

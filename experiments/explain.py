@@ -24,17 +24,26 @@ import common  # noqa: E402
 from common import knnlm  # noqa: E402
 
 p = common.parser(__doc__)
-p.add_argument("--lambda", dest="lmbda", type=float, default=0.25, help="λ of the mix (default: %(default)s)")
-p.add_argument("--temperature", type=float, default=1.0, help="T of p_kNN (default: %(default)s)")
+p.add_argument("--lambda", dest="lmbda", type=float, default=None, help="λ of the mix (default: tuned on valid)")
+p.add_argument("--temperature", type=float, default=None, help="T of p_kNN (default: tuned on valid)")
 p.add_argument("--position", type=int, nargs="*", default=None,
                help="token positions of the split to explain (default: the --top ones where p_kNN most exceeds p_LM)")
 p.add_argument("--top", type=int, default=5, help="tokens listed and explained (default: %(default)s)")
 p.add_argument("--neighbours", type=int, default=8, help="neighbours shown per token (default: %(default)s)")
 p.add_argument("--context", type=int, default=20, help="words of context shown (default: %(default)s)")
 args = p.parse_args()
+if args.lmbda is not None and not 0 <= args.lmbda <= 1:
+    p.error(f"--lambda must be in [0, 1], got {args.lmbda}")
+if args.temperature is not None and not args.temperature > 0:
+    p.error(f"--temperature must be > 0, got {args.temperature}")
 
 model, vocab, datastore, data_dir = common.load(args)
 cache = common.cached_pass(args, model, vocab, datastore, data_dir)
+if args.lmbda is None or args.temperature is None:  # the setting tuned on valid (the sweeps' pass)
+    tuned = common.best(cache if args.split == "valid" else common.cached_pass(args, model, vocab, datastore,
+                                                                               data_dir, "valid"))
+    args.lmbda = tuned["lambda"] if args.lmbda is None else args.lmbda
+    args.temperature = tuned["temperature"] if args.temperature is None else args.temperature
 tokens = vocab.encode_file(knnlm.split_path(data_dir, args.split))  # cache row j is the target tokens[j + 1]
 source = datastore.meta["source"]
 with knnlm.user_errors():
@@ -81,7 +90,7 @@ lines = [f"# Explanations: {common.corpus_name(args)} {args.split}, {len(datasto
 for r in records:
     lines += [f"## position {r['position']}: target **{r['target']}**", "",
               f"context: … {r['context']} → **{r['target']}**", "",
-              f"p_LM = {r['p_lm']:.4f}, p_kNN = {r['p_knn']:.4f}, kNN-LM p = {r['p']:.4f}", "",
+              f"p_LM = {r['p_lm']:.3g}, p_kNN = {r['p_knn']:.3g}, kNN-LM p = {r['p']:.3g}", "",
               "| weight | distance | training context (datastore row) | value |", "|---:|---:|---|---|"]
     lines += [f"| {n['weight']:.3f} | {n['distance']:.1f} | … {n['context']} (row {n['row']:,}) | "
               f"{'**' + n['value'] + '**' if n['value_is_target'] else n['value']} |" for n in r["neighbours"]]

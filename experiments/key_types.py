@@ -53,5 +53,5 @@ for i, r in enumerate(rows):
 ax.set_xticks(list(x), [r["key_type"] for r in rows])
 ax.set(ylabel=f"{args.split} perplexity", ylim=(min(r["tuned"]["ppl"] for r in rows) * 0.9, rows[0]["lm_ppl"] * 1.03),
        title=f"kNN-LM on {common.corpus_name(args)} {args.split} by key type (k = {args.k})")
-ax.legend(loc="lower right")
+ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 common.save(args, "key_types", {"split": args.split, "k": args.k, "key_types": rows}, fig)

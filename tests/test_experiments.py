@@ -155,7 +155,7 @@ def test_every_analysis_runs_from_its_command(trained):
                                                           for _ in range(120)))
     run("experiments/domain_adaptation.py", *common, "--raw", "raw", "--target-data", "other", cwd=tmp)
     domain = results(tmp, "domain_adaptation")
-    ours = domain["datastores"]["target domain (its train)"]
+    ours = domain["datastores"]["other train"]
     assert ours["test_knnlm_ppl"] <= ours["test_lm_ppl"] * 1.05 and ours["unk_rate_test"] > 0  # "zebra" is unknown
 
     out = run("experiments/explain.py", *common, "--top", "2", "--neighbours", "3", cwd=tmp).stdout
