@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -51,6 +52,19 @@ def load(args, datastore=None):
     return model, vocab, datastore, data_dir
 
 
+def exact_backend(args, datastore):
+    """The exact search backend (--backend) for this datastore: the kernel when built, else PyTorch."""
+    return knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
+
+
+def build_datastore(args, data, out, key_type="ffn_in_ln"):
+    """Build (or finish) a datastore with build_datastore.py, as a user would, unless it is there."""
+    if not os.path.isfile(os.path.join(out, "meta.json")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "build_datastore.py"), "--data", data,
+                        "--checkpoint", args.checkpoint, "--key-type", key_type, "--out", out,
+                        "--device", args.device], check=True)
+
+
 def cached(args, prefix, key, compute):
     """compute() -> dict, done once: kept in args.cache_dir under a name made from everything it
     depends on (key, checked again when loaded), so later calls (any analysis, any rerun) load it."""
@@ -75,15 +89,14 @@ def cached_pass(args, model, vocab, datastore, data_dir, split=None):
            "datastore": {f: datastore.meta[f] for f in ("count", "key_type", "source", "model_fingerprint")}}
 
     def compute():
-        backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
         return knnlm.score_split(model, vocab.encode_file(path), datastore, args.k, key_type=datastore.meta["key_type"],
-                                 backend=backend, desc=f"{split} (one pass, then cached)", keep_queries=True)
+                                 backend=exact_backend(args, datastore), desc=f"{split} (one pass, then cached)", keep_queries=True)
     return cached(args, split, key, compute)
 
 
 def search_all(datastore, queries, k, backend="auto", batch=2048, desc="search"):
     """The k nearest neighbours of all cached queries [n, d] in another datastore (or a part of one),
-    in batches: -> (dists [n, k], neighbour_vals [n, k]), like a score_split cache."""
+    in batches: -> (dists [n, k], neighbour_vals [n, k], like a score_split cache, and the seconds taken)."""
     out, t = [], time.time()
     for s in knnlm.tqdm(range(0, len(queries), batch), desc=desc, unit="batch"):
         out.append(knnlm.neighbours(datastore, queries[s:s + batch].float(), k, backend))

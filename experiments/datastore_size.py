@@ -25,7 +25,7 @@ if not all(0 < f <= 1 for f in args.fractions):
     p.error(f"--fractions must be in (0, 1], got {args.fractions}")
 model, vocab, datastore, data_dir = common.load(args)
 cache = common.cached_pass(args, model, vocab, datastore, data_dir)
-backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
+backend = common.exact_backend(args, datastore)
 lm_ppl = knnlm.perplexity(cache["log_p_lm"])
 
 sizes = []

@@ -17,7 +17,6 @@ Any raw text (--raw, --separator) or any directory already in the WikiText forma
 import glob
 import os
 import subprocess
-import sys
 import tempfile
 
 import matplotlib
@@ -60,10 +59,7 @@ with knnlm.user_errors():
         raw = args.raw or [fetch_fortunes("runs/raw/fortunes")]
         counts = to_wikitext.convert(raw, args.target_data, args.separator)
         print(f"wrote {args.target_data} from {' '.join(raw)}: {counts}")
-if not os.path.isfile(os.path.join(args.target_datastore, "meta.json")):
-    subprocess.run([sys.executable, os.path.join(common.ROOT, "build_datastore.py"), "--data", args.target_data,
-                    "--checkpoint", args.checkpoint, "--out", args.target_datastore, "--device", args.device],
-                   check=True)
+common.build_datastore(args, args.target_data, args.target_datastore)
 
 target_name = os.path.basename(os.path.normpath(args.target_data))
 numbers = {"target_data": args.target_data, "k": args.k, "datastores": {}}

@@ -26,9 +26,8 @@ p.add_argument("--exact-sample", type=int, default=8192,
                help="queries timed with exact search (its perplexity is the cached pass's) (default: %(default)s)")
 args = p.parse_args()
 model, vocab, datastore, data_dir = common.load(args)
-with knnlm.user_errors():
-    if not datastore.has_index():
-        raise knnlm.KnnlmError(f"no FAISS index in {args.datastore}: build it with build_datastore.py --index")
+with knnlm.user_errors():  # before the (long) pass: is there an index, and is it this datastore's?
+    datastore.load_index()
 cache = common.cached_pass(args, model, vocab, datastore, data_dir)
 lm_ppl = knnlm.perplexity(cache["log_p_lm"])
 setting = common.best(cache)
@@ -42,8 +41,7 @@ def ppl(part):
 
 # exact search's speed, timed here beside FAISS's (the cached pass may have run on a busier machine)
 sample = cache["queries"][:args.exact_sample]
-seconds = common.search_all(datastore, sample, args.k, knnlm.search_backend(
-    args.backend, args.device, datastore.keys.device, args.k), desc="exact (speed)")[2]
+seconds = common.search_all(datastore, sample, args.k, common.exact_backend(args, datastore), desc="exact (speed)")[2]
 numbers = {"split": args.split, "k": args.k, "lambda": lmbda, "temperature": T, "lm_ppl": lm_ppl,
            "exact": {"ppl": ppl(cache), "queries_per_second": len(sample) / seconds}, "faiss": []}
 for recompute in (False, True):

@@ -67,8 +67,7 @@ def text(ids):
 def explain(j):
     """The record of split position j: its context and probabilities, and its nearest neighbours."""
     target = cache["targets"][j].item()
-    dists, ids = datastore.search(cache["queries"][j:j + 1].float(), args.k, knnlm.search_backend(
-        args.backend, args.device, datastore.keys.device, args.k))
+    dists, ids = datastore.search(cache["queries"][j:j + 1].float(), args.k, common.exact_backend(args, datastore))
     weights = torch.softmax(-dists[0] / args.temperature, dim=0)
     shown = []
     for d, row, w in zip(dists[0].tolist(), ids[0].tolist(), weights.tolist()):

@@ -8,8 +8,6 @@ token; λ (and T) tuned on the same split, as in the paper's table of validation
 
 -> experiments/results/key_types.{json,png}
 """
-import os
-import subprocess
 import sys
 
 import matplotlib
@@ -27,10 +25,7 @@ args = p.parse_args()
 rows = []
 for key_type in args.key_types:
     path = args.datastore if key_type == "ffn_in_ln" else f"{args.datastore}-{key_type}"
-    if not os.path.isfile(os.path.join(path, "meta.json")):  # build (or finish) it, as a user would
-        subprocess.run([sys.executable, os.path.join(common.ROOT, "build_datastore.py"), "--data", args.data,
-                        "--checkpoint", args.checkpoint, "--key-type", key_type, "--out", path,
-                        "--device", args.device], check=True)
+    common.build_datastore(args, args.data, path, key_type)
     model, vocab, datastore, data_dir = common.load(args, path)
     if datastore.meta["key_type"] != key_type:
         sys.exit(f"error: {path} holds {datastore.meta['key_type']} keys, not {key_type}")

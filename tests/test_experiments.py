@@ -10,25 +10,16 @@ import pytest
 import torch
 
 import knnlm
-from helpers import ROOT, WORDS, run, tiny_model, write_corpus
+from helpers import ROOT, WORDS, run, write_corpus
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import to_wikitext  # noqa: E402
 
 
-@pytest.fixture
-def built(tmp_path):
-    vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK] + WORDS[:18])
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, len(vocab), size=300))
-    model = tiny_model(len(vocab))
-    knnlm.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4, progress=False)
-    return model, vocab, tokens, knnlm.Datastore(str(tmp_path / "ds"))
-
-
 # ---------------------------------------------------------------- one cached pass, re-mixed
 
 def test_remixing_the_cache_equals_a_fresh_evaluation(built):
-    model, vocab, tokens, datastore = built
+    model, vocab, tokens, datastore, _ = built  # conftest.py
     text = torch.from_numpy(np.random.default_rng(1).integers(0, len(vocab), size=200))  # not the datastore's
     cache = knnlm.score_split(model, text, datastore, k=64, min_context=6, batch_size=4, progress=False,
                               keep_queries=True)
@@ -44,7 +35,7 @@ def test_remixing_the_cache_equals_a_fresh_evaluation(built):
 
 
 def test_the_first_rows_of_a_datastore_are_the_datastore_of_the_first_tokens(built, tmp_path):
-    model, vocab, tokens, datastore = built
+    model, vocab, tokens, datastore, _ = built  # conftest.py
     n = 123
     knnlm.build_datastore(model, vocab, tokens[:n + 1], str(tmp_path / "head"), min_context=6, batch_size=4,
                           progress=False)
@@ -59,7 +50,7 @@ def test_the_first_rows_of_a_datastore_are_the_datastore_of_the_first_tokens(bui
 # ---------------------------------------------------------------- explanations
 
 def test_a_datastore_row_maps_back_to_the_text_that_produced_it(built):
-    model, vocab, tokens, datastore = built
+    model, vocab, tokens, datastore, _ = built  # conftest.py
     windows = knnlm.sliding_windows(len(tokens), model.cfg.block_size, 6)
     for row in [0, 1, 5, 57, 150, len(datastore) - 1]:
         context, value = knnlm.row_context(tokens, row, width=6)

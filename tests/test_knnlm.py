@@ -2,12 +2,11 @@
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import knnlm
-from helpers import WORDS, tiny_model, write_corpus
+from helpers import tiny_model, write_corpus
 
 
 # ---------------------------------------------------------------- 1. data
@@ -76,17 +75,6 @@ def test_model_is_causal():
 
 
 # ---------------------------------------------------------------- 3. datastore (eq. 1)
-
-@pytest.fixture
-def built(tmp_path):
-    """A datastore built by a tiny model over a tiny text."""
-    vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK] + WORDS[:18])
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, len(vocab), size=300))
-    model = tiny_model(len(vocab))
-    meta = knnlm.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4,
-                                 progress=False)
-    return model, vocab, tokens, knnlm.Datastore(str(tmp_path / "ds")), meta
-
 
 def test_datastore_stores_every_next_token_as_value(built):
     model, vocab, tokens, datastore, meta = built

@@ -1,0 +1,18 @@
+"""Fixtures shared by the test modules."""
+import numpy as np
+import pytest
+import torch
+
+import knnlm
+from helpers import WORDS, tiny_model
+
+
+@pytest.fixture
+def built(tmp_path):
+    """A datastore built by a tiny model over a tiny text."""
+    vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK] + WORDS[:18])
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, len(vocab), size=300))
+    model = tiny_model(len(vocab))
+    meta = knnlm.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4,
+                                 progress=False)
+    return model, vocab, tokens, knnlm.Datastore(str(tmp_path / "ds")), meta
