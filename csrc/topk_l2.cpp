@@ -11,7 +11,7 @@
 // 2. per query, selection of the k smallest ||k||^2 - 2 q.k: a buffer of up to
 //    2k candidates and a running threshold, the k-th best distance so far, so
 //    that most keys are rejected with one compare (FAISS keeps a size-k heap
-//    instead; a buffer cut back by nth_element is cheaper per accepted key);
+//    instead; a buffer cut back by a quickselect is cheaper per accepted key);
 // 3. ||q||^2 is the same for every key of a query: added after selection.
 // Equal distances go to the smaller id, so the order of the keys decides every tie.
 #include <torch/extension.h>
@@ -75,51 +75,78 @@ inline uint32_t block_dists(const float* ips, const float* key_norms, float thre
   return below;
 }
 
+// Puts the (r+1)-th smallest of a[0, n) at a[r], the smaller ones before it and the
+// larger after (as std::nth_element does): quickselect around a median of three with
+// a branch-free partition. Its compares go either way at random, so a branching loop
+// would mispredict half of them; std::nth_element finishes small ranges.
+void select(uint64_t* a, int64_t n, int64_t r) {
+  int64_t lo = 0, hi = n;  // a[r] belongs in [lo, hi)
+  for (int rounds = 0; hi - lo > 64 && rounds < 64; ++rounds) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (a[mid] < a[lo]) std::swap(a[mid], a[lo]);
+    if (a[hi - 1] < a[mid]) std::swap(a[hi - 1], a[mid]);
+    if (a[mid] < a[lo]) std::swap(a[mid], a[lo]);
+    std::swap(a[mid], a[hi - 1]);  // the median of the three is the pivot, at the end
+    const uint64_t pivot = a[hi - 1];
+    int64_t j = lo;  // a[lo, j) < pivot <= a[j, i)
+    for (int64_t i = lo; i < hi - 1; ++i) {
+      const uint64_t x = a[i];
+      a[i] = a[j];
+      a[j] = x;
+      j += x < pivot;
+    }
+    std::swap(a[j], a[hi - 1]);  // the pivot at its place
+    if (j == r) return;
+    if (r < j) hi = j; else lo = j + 1;
+  }
+  std::nth_element(a + lo, a + r, a + hi);
+}
+
 // The k best (dist, id) seen so far by one query. Keys arrive in increasing id
 // order, so a new key beats the k-th best only if its distance is strictly smaller.
 struct TopK {
   int64_t k;
-  std::vector<uint64_t> buf;  // up to 2k candidates, the k best among them
+  std::vector<uint64_t> buf;  // candidates, the k best among them: up to 2k, plus one block's W
+  int64_t size = 0;
   float threshold = std::numeric_limits<float>::infinity();  // k-th best once k are in
 
-  explicit TopK(int64_t k) : k(k) { buf.reserve(2 * k); }
+  explicit TopK(int64_t k) : k(k), buf(2 * k + W) {}
 
   void cut() {  // keep the k best, and their worst as the new threshold
-    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end());
+    select(buf.data(), size, k - 1);
     threshold = candidate_dist(buf[k - 1]);
-    buf.resize(k);
-  }
-
-  void push(float dist, int64_t id) {
-    buf.push_back(candidate(dist, id));
-    if (static_cast<int64_t>(buf.size()) == 2 * k) cut();
+    size = k;
   }
 
   // Scan dists_j = key_norms[j] - 2 ips[j] for keys first_id .. first_id + n - 1.
   void scan(const float* ips, const float* key_norms, int64_t n, int64_t first_id) {
     int64_t j = 0;
-    for (; j < n && static_cast<int64_t>(buf.size()) < k; ++j) {  // the first k go in unseen
+    for (; j < n && size < k; ++j) {  // the first k go in unseen
       float dist = key_norms[j] - 2.0f * ips[j];
-      buf.push_back(candidate(std::isnan(dist) ? std::numeric_limits<float>::infinity() : dist, first_id + j));
-      if (static_cast<int64_t>(buf.size()) == k) threshold = candidate_dist(*std::max_element(buf.begin(), buf.end()));
+      buf[size++] = candidate(std::isnan(dist) ? std::numeric_limits<float>::infinity() : dist, first_id + j);
+      if (size == k) threshold = candidate_dist(*std::max_element(buf.begin(), buf.begin() + k));
     }
-    for (; j + W <= n; j += W) {
+    for (; j + W <= n; j += W) {  // then W at a time: all below the threshold go in, cut back at 2k
       float dists[W];
-      for (uint32_t below = block_dists(ips + j, key_norms + j, threshold, dists); below; below &= below - 1) {
+      uint32_t below = block_dists(ips + j, key_norms + j, threshold, dists);
+      if (!below) continue;
+      for (; below; below &= below - 1) {
         const int t = __builtin_ctz(below);  // the lowest bit set
-        if (dists[t] < threshold) push(dists[t], first_id + j + t);  // the threshold drops at each cut
+        buf[size++] = candidate(dists[t], first_id + j + t);
       }
+      if (size >= 2 * k) cut();
     }
     for (; j < n; ++j) {
       float dist = key_norms[j] - 2.0f * ips[j];
-      if (dist < threshold) push(dist, first_id + j);
+      if (dist < threshold) buf[size++] = candidate(dist, first_id + j);
+      if (size >= 2 * k) cut();
     }
   }
 
   // The k best in ascending order, plus ||q||^2.
   void write(float query_norm, float* dists, int64_t* ids) {
-    if (static_cast<int64_t>(buf.size()) > k) cut();
-    std::sort(buf.begin(), buf.end());
+    if (size > k) cut();
+    std::sort(buf.begin(), buf.begin() + k);
     for (int64_t i = 0; i < k; ++i) {
       dists[i] = std::max(candidate_dist(buf[i]) + query_norm, 0.0f);
       ids[i] = candidate_id(buf[i]);
@@ -181,10 +208,12 @@ std::tuple<torch::Tensor, torch::Tensor> topk_l2_cpu(torch::Tensor queries, torc
   const int64_t B = queries.size(0), N = keys.size(0);
   queries = queries.contiguous();
   key_norms = key_norms.contiguous();
-  // Blocks: a [query_block, key_chunk] block of inner products, read by the selection while it
-  // is still in cache (measured: the GEMM is fastest with blocks of <= 8 MB).
-  if (query_block <= 0) query_block = 1024;
-  if (key_chunk <= 0) key_chunk = 2048;
+  // Blocks: a [query_block, key_chunk] block of inner products (1 MB), read by the selection
+  // while it is still in cache. Many queries per block, so each thread packs each key for
+  // the GEMM few times. Measured (bench/search_blocks.py): 512 x 512 beat 1024 x 2048 by
+  // ~5-10% at B = 1024 and matched it at B = 64.
+  if (query_block <= 0) query_block = 512;
+  if (key_chunk <= 0) key_chunk = 512;
   key_chunk = std::min(key_chunk, N);
   auto dists = torch::empty({B, k}, queries.options());
   auto ids = torch::empty({B, k}, queries.options().dtype(torch::kInt64));

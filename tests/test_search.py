@@ -106,6 +106,20 @@ def test_exact_ties_go_to_the_smaller_id(backend, device):
         assert torch.equal(ids.cpu(), ref_ids) and torch.equal(dists.cpu().double(), ref_dists)
 
 
+@pytest.mark.parametrize("backend, device", [p for p in BACKENDS if "torch" not in p.id])
+def test_selection_of_keys_in_distance_order_and_at_one_distance(backend, device):
+    """Keys met in order of rising or of falling distance (the selection's cuts then see sorted
+    candidates, a quickselect's classic worst case), and keys all at one distance (ids decide).
+    Distances are squares of integers < 2^12: exact in float32."""
+    line = torch.arange(4000.0)[:, None] * torch.tensor([[1.0, 0.0]])
+    queries = torch.zeros(3, 2)
+    for keys in (line, line.flip(0), torch.ones(4000, 2)):
+        for k in (7, 1024):
+            dists, ids = search(backend, device, queries, keys, k)
+            _, ref_dists, ref_ids = brute_force(queries, keys, k)
+            assert torch.equal(ids.cpu(), ref_ids) and torch.equal(dists.cpu().double(), ref_dists)
+
+
 @pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
 def test_kernel_is_deterministic_and_right_for_any_blocking():
     """The same call gives the same bits; other block sizes change only the GEMM's rounding."""
