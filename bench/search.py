@@ -3,7 +3,7 @@ Exact top-k L2 search on kNN-LM shapes: queries per second of the C++ kernel
 (knnlm_ext, csrc/) vs faiss.IndexFlatL2 vs the pure-PyTorch reference, in one
 process, on the same threads, interleaved so that all methods see the same machine.
 
-    python bench/search.py                 # the full grid, ~25 min on 2 cores
+    python bench/search.py --repeats 3     # the full grid, ~45 min on 2 cores
     python bench/search.py --quick         # N = 100k only
 
 Writes bench/results/search.json (one record per shape and method) and
@@ -44,7 +44,8 @@ faiss.omp_set_num_threads(args.threads)
 
 
 def gemm_peak():
-    """The machine's float32 GEMM rate in GFLOP/s: the best of a few 4096^3 matmuls."""
+    """The machine's float32 GEMM rate in GFLOP/s: the best of a few 4096^3 matmuls. Measured before
+    each group of shapes and at the end, and the best counts, as this shared machine's speed drifts."""
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
     out = torch.mm(a, b)
     best = min(timed(lambda: torch.mm(a, b, out=out)) for _ in range(5))
@@ -76,6 +77,7 @@ g = torch.Generator().manual_seed(0)
 for N in args.N:
     for d in args.d:
         for kind in args.data:
+            peak = max(peak, gemm_peak())  # the machine's speed drifts: the best rate seen in the run counts
             keys, queries_all = make_data(kind, N, d, max(args.B), g)
             key_norms = knnlm.squared_norms(keys)
             keys16 = keys.half() if "ext-fp16" in args.methods else None
@@ -108,7 +110,7 @@ for N in args.N:
                     print(f"N={N:>9,} d={d:>4} B={B:>4} k={k:>4} {kind:>9}: {line} | ext/faiss ids agree {agree:.4f}",
                           flush=True)
             del keys, keys16, index
-peak = max(peak, gemm_peak())  # measured before and after: the machine's rate drifts
+peak = max(peak, gemm_peak())
 for r in records:
     r["gemm_fraction"] = round(2 * r["B"] * r["N"] * r["d"] / 1e9 / r["seconds"] / peak, 3)
 
