@@ -44,8 +44,8 @@ faiss.omp_set_num_threads(args.threads)
 
 
 def gemm_peak():
-    """The machine's float32 GEMM rate in GFLOP/s: the best of a few 4096^3 matmuls. Measured before
-    each group of shapes and at the end, and the best counts, as this shared machine's speed drifts."""
+    """The machine's float32 GEMM rate in GFLOP/s: the best of a few 4096^3 matmuls. Measured at the
+    start and after each group of shapes, and the best counts, as this shared machine's speed drifts."""
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
     out = torch.mm(a, b)
     best = min(timed(lambda: torch.mm(a, b, out=out)) for _ in range(5))
@@ -77,7 +77,6 @@ g = torch.Generator().manual_seed(0)
 for N in args.N:
     for d in args.d:
         for kind in args.data:
-            peak = max(peak, gemm_peak())  # the machine's speed drifts: the best rate seen in the run counts
             keys, queries_all = make_data(kind, N, d, max(args.B), g)
             key_norms = knnlm.squared_norms(keys)
             keys16 = keys.half() if "ext-fp16" in args.methods else None
@@ -110,7 +109,7 @@ for N in args.N:
                     print(f"N={N:>9,} d={d:>4} B={B:>4} k={k:>4} {kind:>9}: {line} | ext/faiss ids agree {agree:.4f}",
                           flush=True)
             del keys, keys16, index
-peak = max(peak, gemm_peak())
+            peak = max(peak, gemm_peak())  # the machine's speed drifts: the best rate seen in the run counts
 for r in records:
     r["gemm_fraction"] = round(2 * r["B"] * r["N"] * r["d"] / 1e9 / r["seconds"] / peak, 3)
 

@@ -138,8 +138,10 @@ struct TopK {
     }
     for (; j < n; ++j) {
       float dist = key_norms[j] - 2.0f * ips[j];
-      if (dist < threshold) buf[size++] = candidate(dist, first_id + j);
-      if (size >= 2 * k) cut();
+      if (dist < threshold) {
+        buf[size++] = candidate(dist, first_id + j);
+        if (size >= 2 * k) cut();
+      }
     }
   }
 

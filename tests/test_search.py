@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 
