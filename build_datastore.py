@@ -23,6 +23,7 @@ first process merges the shards:
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 
@@ -39,7 +40,7 @@ parser.add_argument("--key-type", default="ffn_in_ln", choices=knnlm.KEY_TYPES,
 parser.add_argument("--min-context", type=int, default=None,
                     help="every stored target has at least this many tokens of left context "
                          "(default: half the model's context, like the paper's 1536 of 3072)")
-parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
+parser.add_argument("--batch-size", type=knnlm.positive_int, default=16, help="windows per forward pass (default: %(default)s)")
 parser.add_argument("--commit-seconds", type=float, default=10.0,
                     help="save progress this often; an interrupted build loses at most this much (default: %(default)s)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -48,12 +49,12 @@ parser.add_argument("--index", action="store_true", help="also build the FAISS i
 parser.add_argument("--factory", default=None,
                     help="FAISS index factory string (default: the paper's IVF-PQ scaled to the datastore, "
                          "e.g. IVF512,PQ128x4fs for 0.5 M keys; IVF4096,PQ64 is the paper's own)")
-parser.add_argument("--train-size", type=int, default=None,
+parser.add_argument("--train-size", type=knnlm.positive_int, default=None,
                     help=f"keys sampled to train the index (default: {knnlm.INDEX_TRAIN_SIZE:,} as in the paper, "
                          "or fewer when k-means would not use them all)")
-parser.add_argument("--index-shards", type=int, default=None,
+parser.add_argument("--index-shards", type=knnlm.positive_int, default=None,
                     help="add the keys to the index in this many shards (default: one per torchrun process)")
-parser.add_argument("--estimate", nargs=2, type=int, metavar=("N", "D"),
+parser.add_argument("--estimate", nargs=2, type=knnlm.positive_int, metavar=("N", "D"),
                     help="only print the disk and memory a datastore of N keys of dimension D and its index need")
 args = parser.parse_args()
 
@@ -72,7 +73,8 @@ if world > 1:
     torch.distributed.init_process_group("gloo")
 barrier = torch.distributed.barrier if world > 1 else lambda: None
 
-with knnlm.user_errors():
+# rank 0 holds the lock of --out for the whole job: a second build into it is refused at once
+with knnlm.user_errors(), knnlm.writing(args.out, directory=True) if rank == 0 else nullcontext():
     model, vocab, _ = knnlm.load_checkpoint(args.checkpoint, knnlm.check_device(args.device))
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     path = knnlm.split_path(knnlm.resolve_corpus(args.data), args.split)

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -36,18 +37,25 @@ parser.add_argument("--backend", default="auto", choices=knnlm.SEARCH_BACKENDS +
                          "the C++ kernel of csrc/; faiss = the datastore's IVF-PQ index (build_datastore.py --index); "
                          f"auto = faiss beyond {knnlm.EXACT_MAX_KEYS:,} keys when the index exists, else ext when "
                          "built, else torch (default: %(default)s)")
-parser.add_argument("--nprobe", type=int, default=32,
-                    help="faiss: inverted lists visited per query (default: %(default)s, the paper's)")
+parser.add_argument("--nprobe", type=int, default=None,
+                    help=f"faiss: inverted lists visited per query (default: the paper's {knnlm.NPROBE}, or all "
+                         "lists when the index has fewer)")
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                     help="faiss: re-rank the retrieved neighbours by exact distances from the float16 keys "
                          "(default: on, as in the paper)")
 parser.add_argument("--tune", action="store_true",
                     help="choose λ and temperature on the valid split, then evaluate --split with them")
 parser.add_argument("--results", default=None, help="also write valid and test perplexities to this JSON file")
+parser.add_argument("--verify", action="store_true",
+                    help="first check every byte of the datastore (and its index) against the checksums of its "
+                         "manifest; without it only sizes and sampled checksums are checked")
+parser.add_argument("--allow-eval-split-datastore", action="store_true",
+                    help="evaluate a split the datastore was built from (refused by default: every token "
+                         "finds itself among its neighbours, and the perplexity means nothing)")
 parser.add_argument("--min-context", type=int, default=None,
                     help="every scored token has at least this many tokens of left context "
                          "(default: half the model's context)")
-parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: %(default)s)")
+parser.add_argument("--batch-size", type=knnlm.positive_int, default=16, help="windows per forward pass (default: %(default)s)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda (default: cuda when present)")
 args = parser.parse_args()
@@ -62,10 +70,16 @@ LAMBDAS = [i / 20 for i in range(20)]  # 0, 0.05, ..., 0.95
 TEMPERATURES = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
 
 start = time.time()
+outputs = ExitStack()  # the results file: checked, and locked against a second writer, before any work
 with knnlm.user_errors():
+    if args.results:
+        outputs.enter_context(knnlm.writing(args.results))
+        earlier = knnlm.read_json(args.results, {}) if os.path.isfile(args.results) else {}
     model, vocab, ckpt = knnlm.load_checkpoint(args.checkpoint, knnlm.check_device(args.device))
     datastore = knnlm.Datastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
+    if args.verify:
+        datastore.verify()
     if args.k > len(datastore):
         raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
     if args.backend == "faiss" or (args.backend == "auto" and len(datastore) > knnlm.EXACT_MAX_KEYS
@@ -76,16 +90,23 @@ with knnlm.user_errors():
         backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
     data_dir = knnlm.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
-search = (f"FAISS {datastore.index.meta['factory']}, nprobe {args.nprobe}, recompute "
+    splits = (["valid"] if args.tune or args.results else []) + [args.split] + (["test"] if args.results else [])
+    tokens = {}
+    for split in dict.fromkeys(splits):  # every split read and checked before the long passes
+        path = knnlm.split_path(data_dir, split)
+        if not args.allow_eval_split_datastore:
+            knnlm.check_not_built_from(datastore, path)
+        tokens[split] = vocab.encode_file(path)
+        if (tokens[split] != vocab.stoi[knnlm.EOS]).sum() == 0:
+            raise knnlm.KnnlmError(f"{path} has no words, only blank lines: nothing to evaluate")
+search = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
           f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")
 print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), search: {search}; "
       f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
 def score(split):
-    with knnlm.user_errors():
-        tokens = vocab.encode_file(knnlm.split_path(data_dir, split))
-    return knnlm.score_split(model, tokens, datastore, args.k, min_context, args.batch_size,
+    return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size,
                              key_type=datastore.meta["key_type"], backend=backend, desc=split)
 
 
@@ -95,7 +116,7 @@ if args.tune or args.results:
 if args.tune:
     args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], LAMBDAS, TEMPERATURES)
     print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
-for split in [args.split] + (["test"] if args.results else []):
+for split in splits:
     if split not in caches:
         caches[split] = score(split)
 
@@ -106,16 +127,19 @@ for split, cache in caches.items():
     print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
           f"({100 * (1 - knnlm_ppl[split] / lm_ppl[split]):.1f}% lower) at k={args.k}, λ={args.lmbda}, "
           f"T={args.temperature}; search {len(cache['targets']) / cache['search_seconds']:,.0f} queries/s")
+    if knnlm_ppl[split] == float("inf"):
+        print(f"{split}: the kNN-LM perplexity is infinite: at λ = {args.lmbda} some token got probability 0 "
+              "(λ = 1 and none of its neighbours carries it)")
 
 if args.results:
-    earlier = knnlm.read_json(args.results) if os.path.isfile(args.results) else {}
-    knnlm.write_json({
-        "lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
-        "temperature": args.temperature, "datastore_size": len(datastore),
-        "backend": backend,
-        "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
-        "key_type": datastore.meta["key_type"], "min_context": min_context,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
-        "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv),
-        **({"backends": earlier["backends"]} if "backends" in earlier else {})}, args.results)  # from bench/index.py
+    results = {"lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
+               "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
+               "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
+               "key_type": datastore.meta["key_type"], "min_context": min_context,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
+               "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv),
+               **({"backends": earlier["backends"]} if "backends" in earlier else {})}  # from bench/index.py
+    with knnlm.user_errors():
+        knnlm.write_json(results, args.results)
     print(f"wrote {args.results}")
+outputs.close()

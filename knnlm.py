@@ -10,7 +10,10 @@ kNN-LM: "Generalization through Memorization: Nearest Neighbor Language Models"
     6. kNN-LM        p_kNN from the neighbours (eq. 2), mixed with p_LM (eq. 3)
     7. Evaluation    perplexity over a whole split with a sliding window
 """
+import argparse
 import copy
+import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -23,7 +26,7 @@ import time
 import urllib.request
 import zipfile
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import faiss
@@ -50,6 +53,17 @@ def user_errors():
     except KnnlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def positive_int(text):
+    """argparse type: an integer of at least 1 (a batch size, a count of steps or shards)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def check_device(device):
@@ -115,6 +129,8 @@ class Vocab:
 
     @classmethod
     def build(cls, path, min_freq=1, max_size=None):
+        if max_size is not None and max_size < 3:
+            raise KnnlmError(f"--max-vocab must be at least 3 (<eos>, <unk> and one word), got {max_size}")
         counts = Counter(read_words(path))
         counts.pop(EOS, None), counts.pop(UNK, None)
         words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
@@ -309,27 +325,146 @@ def fingerprint(model, vocab):
 @contextmanager
 def atomic_write(path):
     """Yield a temporary name beside path, rename it to path once written: a crash
-    never leaves half a file under the final name."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    never leaves half a file under the final name (and the next write removes what a
+    killed writer left). A failed write (a full disk) is a KnnlmError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        remove_stale_tmp(glob.escape(path))
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise KnnlmError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def remove_stale_tmp(pattern):
+    """Remove the files pattern.tmpPID whose writer (process PID) is dead: a kill -9 left them."""
+    for tmp in glob.glob(pattern + ".tmp[0-9]*"):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(tmp)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+# One writer at a time. Every script that writes a datastore directory, a checkpoint or a
+# results file first takes an OS file lock (flock) on a lock file: in the directory, or
+# beside the file. The OS releases it when the process ends however it ends, so a kill -9
+# never leaves a stale lock; a second writer is refused in one line naming the holder.
+_held_locks = {}  # lock file -> descriptor, the locks this process holds
+
+
+def lock_path(path, directory):
+    if directory:
+        return os.path.join(path, ".lock")
+    return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
+
+
+@contextmanager
+def writing(path, directory=False, patience=0.5):
+    """Be the only process writing `path` (a directory, or a file) while inside; the temporary files a
+    killed writer left there are removed. Creating the lock checks up front that path can be written.
+    Reentrant: inside, the same process may take it again (a script and the library it calls)."""
+    lock = lock_path(path, directory)
+    if lock in _held_locks:
+        yield
+        return
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise KnnlmError(f"{path} is a file, not a directory")
+    if not directory and os.path.isdir(path):
+        raise KnnlmError(f"{path} is a directory, not a file")
+    try:
+        os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise KnnlmError(f"cannot write to {os.path.dirname(lock) or '.'}: {e.strerror}") from None
+    deadline = time.time() + patience  # a reader peeking at the lock (writer_pid) holds it for microseconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() < deadline:
+                time.sleep(0.02)
+                continue
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise KnnlmError(f"{path} is being written by another process"
+                             f"{f' (pid {holder})' if holder else ''}: wait for it to end, or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held_locks[lock] = fd
+    try:
+        remove_stale_tmp(glob.escape(path) + ("/*" if directory else ""))
+        yield
+    finally:
+        del _held_locks[lock]
+        os.close(fd)  # releases the lock
+
+
+def writer_pid(path, directory=False):
+    """The pid of another process writing path now (as a string), or None."""
+    lock = lock_path(path, directory)
+    if lock in _held_locks:
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+
+
+def json_ready(obj, where=""):
+    """-> (obj with every NaN or infinite float replaced by None, {where: "inf" | "-inf" | "nan"})."""
+    if isinstance(obj, dict):
+        pairs = [(k, json_ready(v, f"{where}.{k}" if where else str(k))) for k, v in obj.items()]
+        return {k: v for k, (v, _) in pairs}, {p: w for _, (_, bad) in pairs for p, w in bad.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [json_ready(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [v for v, _ in items], {p: w for _, bad in items for p, w in bad.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, {where: str(obj)}
+    return obj, {}
+
+
 def write_json(obj, path):
+    """Standard JSON, written atomically. A NaN or infinite number becomes null, and a dict
+    records which ones in "non_finite" (e.g. {"knnlm_ppl.test": "inf"})."""
+    obj, bad = json_ready(obj)
+    if bad and isinstance(obj, dict):
+        obj["non_finite"] = bad
     with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, allow_nan=False)
         f.write("\n")
 
 
 def save_checkpoint(path, model, vocab, **extra):
     with atomic_write(path) as tmp:
-        torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "vocab": vocab.itos,
-                    "fingerprint": fingerprint(model, vocab), **extra}, tmp)
+        try:
+            torch.save({"config": asdict(model.cfg), "model": model.state_dict(), "vocab": vocab.itos,
+                        "fingerprint": fingerprint(model, vocab), **extra}, tmp)
+        except RuntimeError as e:  # torch's writer failed, e.g. on a full disk
+            raise KnnlmError(f"cannot write {path}: {e}") from None
+
+
+CHECKPOINT_FIELDS = ("config", "model", "vocab", "fingerprint")
 
 
 def load_checkpoint(path, device="cpu"):
@@ -338,11 +473,17 @@ def load_checkpoint(path, device="cpu"):
         raise KnnlmError(f"no checkpoint at {path}: train one with train.py (or pass --checkpoint)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        raise KnnlmError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    missing = [f for f in CHECKPOINT_FIELDS if f not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_FIELDS
+    if missing:
+        raise KnnlmError(f"{path} is not a checkpoint of train.py: it has no {', '.join(missing)}")
+    try:
         model = TransformerLM(ModelConfig(**ckpt["config"])).to(device)
         model.load_state_dict(ckpt["model"])
-    except Exception as e:  # truncated, corrupt, or not a checkpoint of this project
+        vocab = Vocab(ckpt["vocab"])
+    except Exception as e:  # a config, weights or vocabulary of the wrong shape
         raise KnnlmError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    vocab = Vocab(ckpt["vocab"])
     if fingerprint(model, vocab) != ckpt["fingerprint"]:
         raise KnnlmError(f"checkpoint {path} is corrupt: its weights do not match its fingerprint")
     return model.eval(), vocab, ckpt
@@ -431,15 +572,22 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
     with the same `barrier`) writes the rows of its share of the windows."""
     cfg = model.cfg
     min_context = resolve_min_context(min_context, cfg.block_size)
-    device = next(model.parameters()).device
     n = len(tokens) - 1
     if n < 1:
         raise KnnlmError(f"{source}: a datastore needs at least two tokens, got {len(tokens)}")
     manifest = datastore_manifest(model, vocab, n, key_type, min_context, source)
+    with writing(out_dir, directory=True) if shard == 0 else nullcontext():  # shard 0 holds it for all
+        return write_datastore(model, tokens, out_dir, manifest, batch_size, progress, commit_seconds,
+                               shard, shards, barrier)
+
+
+def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, commit_seconds, shard, shards, barrier):
+    cfg, device = model.cfg, next(model.parameters()).device
+    n, key_type, min_context = manifest["count"], manifest["key_type"], manifest["min_context"]
     meta_path = os.path.join(out_dir, "meta.json")
     progress_path = progress_file(out_dir, shard, shards)
     if os.path.isfile(meta_path):  # finished before: reuse it if it is the same datastore
-        check_same(manifest, read_json(meta_path), "this build", f"the datastore in {out_dir}")
+        check_same(manifest, read_meta(meta_path), "this build", f"the datastore in {out_dir}")
         print(f"{out_dir} already holds this datastore")
         return manifest
     windows = sliding_windows(len(tokens), cfg.block_size, min_context)
@@ -447,18 +595,24 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
     first_row = windows[0][0] + windows[0][2] if windows else n  # the row of the first target scored
     last_row = windows[-1][1] if windows else n
     if os.path.isfile(progress_path):  # interrupted before: continue it if it is the same build
-        done = read_json(progress_path)
+        done = read_json(progress_path, {"manifest": dict, "rows": int})
         check_same(manifest, done["manifest"], "this build", f"the interrupted build in {out_dir}")
         print(f"resuming at row {done['rows']:,} of {n:,}")
     else:
-        done = {"manifest": manifest, "batches": 0, "rows": first_row}
+        done = {"manifest": manifest, "rows": first_row}
+    # The progress is a row count at the end of a window, so a rerun continues with the next
+    # window whatever its --batch-size (a window's rows are the same in any batch).
+    skip = sum(end <= done["rows"] for _, end, _ in windows)
+    if done["rows"] != (windows[skip - 1][1] if skip else first_row):
+        raise KnnlmError(f"{progress_path} records {done['rows']:,} rows, not the end of a window: "
+                         f"delete {out_dir} and build again")
     fresh = not any(f.startswith("progress") for f in os.listdir(out_dir)) if os.path.isdir(out_dir) else True
     barrier()  # every shard has looked before the first one creates the files
     if shard == 0 and fresh:
         os.makedirs(out_dir, exist_ok=True)
         check_disk_space(out_dir, n * (cfg.d_model * 2 + 8))
-        open_npy(os.path.join(out_dir, "keys.npy"), "w+", np.float16, (n, cfg.d_model))
-        open_npy(os.path.join(out_dir, "vals.npy"), "w+", np.int64, (n,))
+        create_npy(os.path.join(out_dir, "keys.npy"), np.float16, (n, cfg.d_model))
+        create_npy(os.path.join(out_dir, "vals.npy"), np.int64, (n,))
         write_json(done, progress_path)
     barrier()
     keys = open_npy(os.path.join(out_dir, "keys.npy"), "r+", np.float16, (n, cfg.d_model))
@@ -466,10 +620,7 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
     row, start, last_commit = done["rows"], time.time(), time.time()
     bar = tqdm(total=last_row - first_row, initial=row - first_row, unit="tok", disable=not progress,
                desc="datastore" if shards == 1 else f"datastore shard {shard + 1}/{shards}")
-    batches = sliding_batches(tokens, cfg.block_size, min_context, batch_size, windows)
-    for i, (x, y, scored) in enumerate(batches):
-        if i < done["batches"]:
-            continue
+    for x, y, scored in sliding_batches(tokens, cfg.block_size, min_context, batch_size, windows[skip:]):
         _, k = model(x.to(device), key_type=key_type)
         k, v = k[scored.to(device)].cpu(), y[scored]
         if not torch.isfinite(k).all():
@@ -481,18 +632,28 @@ def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_con
         bar.set_postfix(tok_per_s=f"{(row - done['rows']) / (time.time() - start):.0f}")
         if time.time() - last_commit > commit_seconds or row == last_row:
             keys.flush(), vals.flush()  # the rows reach the disk before the progress that counts them
-            write_json({"manifest": manifest, "batches": i + 1, "rows": row}, progress_path)
+            write_json({"manifest": manifest, "rows": row}, progress_path)
             last_commit = time.time()
     bar.close()
     assert row == last_row, (row, last_row)
     barrier()  # every shard has written its rows
     if shard == 0:
-        write_json(manifest, meta_path)
+        write_meta(out_dir, manifest, progress)
         for s in range(shards):
             if os.path.exists(progress_file(out_dir, s, shards)):  # a shard without windows wrote none
                 os.remove(progress_file(out_dir, s, shards))
     barrier()  # the datastore is finished for every shard
     return manifest
+
+
+def check_not_built_from(datastore, path):
+    """Refuse to evaluate the text a datastore was built from: each token would find its own
+    context at distance ~0 among the neighbours, and the perplexity would mean nothing."""
+    source = datastore.meta.get("source") or {}
+    if source.get("sha256") == file_fingerprint(path):
+        raise KnnlmError(f"the datastore {datastore.path} was built from {path}, the text being evaluated: every "
+                         "token would find itself among its neighbours and the perplexity would mean nothing. "
+                         "Build it from another split, or pass --allow-eval-split-datastore to do it anyway")
 
 
 def row_context(tokens, row, width):
@@ -513,6 +674,21 @@ def open_npy(path, mode, dtype, shape):
         raise KnnlmError(f"cannot open {path}: {e}") from None
 
 
+def create_npy(path, dtype, shape):
+    """A new .npy file with its whole size reserved on the disk now (a memmap's file is otherwise
+    sparse, and a disk that fills up later kills the writer with SIGBUS when it touches a page)."""
+    open_npy(path, "w+", dtype, shape).flush()  # the header; the rest of the file is a hole
+    size, fd = os.path.getsize(path), os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        os.remove(path)
+        raise KnnlmError(f"cannot reserve {size / 1e9:.2f} GB for {path}: {e.strerror}: "
+                         "free some space and rerun") from None
+    finally:
+        os.close(fd)
+
+
 def check_disk_space(path, needed, what="the datastore"):
     free = shutil.disk_usage(path).free
     if free < needed:
@@ -520,12 +696,84 @@ def check_disk_space(path, needed, what="the datastore"):
                          f"{free / 1e9:.2f} GB are free")
 
 
-def read_json(path):
+def read_json(path, fields=None):
+    """A JSON object; fields ({name: type}) are checked to be there with those types."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError) as e:
         raise KnnlmError(f"cannot read {path}: {e}") from None
+    if fields is not None:
+        if not isinstance(obj, dict):
+            raise KnnlmError(f"{path} holds a JSON {type(obj).__name__}, not the object expected")
+        for name, kind in fields.items():
+            if not isinstance(obj.get(name), kind) or (kind is int and isinstance(obj.get(name), bool)):
+                raise KnnlmError(f"{path} is not what it should be: field {name!r} is {obj.get(name)!r}")
+    return obj
+
+
+# meta.json: the manifest, the size and checksums of the files it vouches for, and a seal over all that
+META_FIELDS = {"count": int, "dim": int, "key_dtype": str, "key_type": str, "model_fingerprint": str,
+               "vocab_fingerprint": str, "vocab_size": int, "min_context": int, "block_size": int,
+               "source": (dict, type(None)), "files": dict, "seal": str}
+DATASTORE_FILES = ("keys.npy", "vals.npy")
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 4096
+
+
+def file_checksums(path, progress=False):
+    """{bytes, sample (sha256 of 64 blocks spread over the file: cheap, checked at every load),
+    sha256 (of the whole file: checked on request, --verify)}."""
+    return {"bytes": os.path.getsize(path), "sample": sampled_sha256(path), "sha256": sha256_of(path, progress)}
+
+
+def sampled_sha256(path):
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        for i in range(SAMPLE_BLOCKS):
+            h.update(os.pread(f.fileno(), SAMPLE_BLOCK_BYTES, max(0, size - SAMPLE_BLOCK_BYTES) * i // (SAMPLE_BLOCKS - 1)))
+    return h.hexdigest()[:16]
+
+
+def sha256_of(path, progress=False, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                      desc=f"sha256 {os.path.basename(path)}", disable=not progress) as bar:
+        while block := f.read(chunk):
+            h.update(block)
+            bar.update(len(block))
+    return h.hexdigest()[:16]
+
+
+def seal(meta):
+    """A checksum of a manifest's own fields: a meta.json edited by hand no longer matches it."""
+    return hashlib.sha256(json.dumps({f: v for f, v in meta.items() if f != "seal"}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_meta(path, manifest, progress=False):
+    """Finish a datastore: meta.json, with the checksums of its files and its seal."""
+    meta = {**manifest, "files": {name: file_checksums(os.path.join(path, name), progress) for name in DATASTORE_FILES}}
+    write_json({**meta, "seal": seal(meta)}, os.path.join(path, "meta.json"))
+
+
+def read_meta(path):
+    meta = read_json(path, META_FIELDS)
+    if seal(meta) != meta["seal"]:
+        raise KnnlmError(f"{path} was edited: its fields no longer match their seal. Rebuild the datastore "
+                         "rather than edit its manifest")
+    return meta
+
+
+def check_files(directory, files, full=False):
+    """Each file is the one the manifest vouches for: its size and sampled checksum (full: its sha256)."""
+    for name, want in files.items():
+        path = os.path.join(directory, name)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if not isinstance(want, dict) or size != want.get("bytes"):
+            raise KnnlmError(f"{path} has {size} bytes where its manifest vouches for {want.get('bytes') if isinstance(want, dict) else want}: "
+                             "truncated, or not this datastore's file")
+        if sampled_sha256(path) != want.get("sample") or (full and sha256_of(path, progress=True) != want.get("sha256")):
+            raise KnnlmError(f"{path} is not the file its manifest vouches for (its checksum differs): a file of "
+                             "another datastore? Rebuild it")
 
 
 class Datastore:
@@ -535,11 +783,14 @@ class Datastore:
     def __init__(self, path):
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
+            if writer_pid(path, directory=True):
+                raise KnnlmError(f"the datastore in {path} is being built now (by process {writer_pid(path, True)}): "
+                                 "wait for the build to finish")
             unfinished = os.path.isdir(path) and any(f.startswith("progress") for f in os.listdir(path))
             raise KnnlmError(f"the datastore build in {path} was interrupted: rerun build_datastore.py with the "
                              "same arguments to finish it" if unfinished else
                              f"no datastore at {path} (no meta.json): build one with build_datastore.py")
-        self.path, self.meta = path, read_json(meta_path)
+        self.path, self.meta = path, read_json(meta_path, META_FIELDS)
         try:  # mode "c" (copy-on-write) gives torch writable arrays without ever touching the files
             self.key_file = np.load(os.path.join(path, "keys.npy"), mmap_mode="c")
             vals = np.load(os.path.join(path, "vals.npy"), mmap_mode="c")
@@ -556,7 +807,18 @@ class Datastore:
         if not torch.isfinite(self.key_norms).all():
             bad = (~torch.isfinite(self.key_norms)).nonzero()[0, 0].item()
             raise KnnlmError(f"datastore {path} has NaN or infinite keys (first at row {bad})")
+        read_meta(meta_path)  # the seal: the manifest is as the build wrote it
+        check_files(path, self.meta["files"])
+        if len(self.vals) and not (0 <= self.vals.min() and self.vals.max() < self.meta["vocab_size"]):
+            raise KnnlmError(f"{path}/vals.npy holds token ids outside [0, {self.meta['vocab_size']}), "
+                             "the vocabulary of its model")
         self.index = None
+
+    def verify(self):
+        """The expensive checks: the whole of every file against its sha256 in the manifests."""
+        check_files(self.path, self.meta["files"], full=True)
+        if self.has_index():
+            check_files(self.path, read_json(index_path(self, "index", "json"), INDEX_FIELDS)["files"], full=True)
 
     def __len__(self):
         return len(self.vals)
@@ -579,7 +841,7 @@ class Datastore:
     def has_index(self, name="index"):
         return os.path.isfile(index_path(self, name, "json"))
 
-    def load_index(self, nprobe=32, recompute=True):
+    def load_index(self, nprobe=None, recompute=True):
         self.index = FaissIndex(self, nprobe, recompute)
         return self.index
 
@@ -714,10 +976,14 @@ def topk_l2_torch(queries, keys, k, key_norms, key_chunk=1 << 18, query_block=25
 # released, so neither building nor searching holds the key matrix in memory.
 
 INDEX_TRAIN_SIZE = 1_000_000  # keys sampled to train the index, as in the paper
+NPROBE = 32                   # lists visited per query, as in the paper (all of them if there are fewer)
 INDEX_BATCH = 1 << 16         # keys read from the memmap and added per step
 EXACT_MAX_KEYS = 2_000_000    # beyond this, backend "auto" uses the FAISS index when there is one
 RERANK_MMAP_MAX_BYTES = 2 << 30  # beyond this, re-ranking reads key rows with pread, not through the memmap
-INDEX_DATASTORE_FIELDS = ("count", "dim", "key_dtype", "key_type", "model_fingerprint", "vocab_fingerprint", "source")
+INDEX_DATASTORE_FIELDS = ("count", "dim", "key_dtype", "key_type", "model_fingerprint", "vocab_fingerprint", "source",
+                          "files")  # the datastore's files' checksums too: its index fits no other datastore
+PLAN_FIELDS = {"datastore": dict, "factory": str, "train_size": int, "shards": int, "seed": int}
+INDEX_FIELDS = {**PLAN_FIELDS, "files": dict}  # index.json: the plan, and the checksums of name.faiss
 
 
 def default_factory(n, d):
@@ -784,7 +1050,10 @@ def read_index(path):
 
 def write_index(index, path):
     with atomic_write(path) as tmp:
-        faiss.write_index(index, tmp)
+        try:
+            faiss.write_index(index, tmp)
+        except RuntimeError as e:  # e.g. a full disk
+            raise KnnlmError(f"cannot write {path}: {faiss_message(e)}") from None
 
 
 def plan_index(datastore, factory=None, train_size=None, shards=1, seed=0, name="index"):
@@ -802,7 +1071,7 @@ def plan_index(datastore, factory=None, train_size=None, shards=1, seed=0, name=
             "train_size": train_size, "shards": shards, "seed": seed}
     for part, what in (("json", "the index"), ("plan.json", "the unfinished index build")):
         if os.path.isfile(index_path(datastore, name, part)):
-            check_same(plan, read_json(index_path(datastore, name, part)), "this index build",
+            check_same(plan, read_json(index_path(datastore, name, part), PLAN_FIELDS), "this index build",
                        f"{what} {index_path(datastore, name, part)} (delete {name}.* there to build another)")
             return plan
     check_disk_space(datastore.path, 2 * index_bytes(n, d, ivf), "the index")  # its shards, then the merged index
@@ -861,7 +1130,8 @@ def merge_index(datastore, plan, name="index"):
         index.merge_from(read_index(index_path(datastore, name, f"shard{shard}.faiss")), 0)
     assert index.ntotal == len(datastore), (index.ntotal, len(datastore))
     write_index(index, index_path(datastore, name, "faiss"))
-    write_json(plan, index_path(datastore, name, "json"))
+    files = {f"{name}.faiss": file_checksums(index_path(datastore, name, "faiss"))}
+    write_json({**plan, "files": files}, index_path(datastore, name, "json"))
     for part in ["plan.json", "trained.faiss"] + [f"shard{s}.faiss" for s in range(plan["shards"])]:
         os.remove(index_path(datastore, name, part))
 
@@ -869,11 +1139,12 @@ def merge_index(datastore, plan, name="index"):
 def build_index(datastore, factory=None, train_size=None, shards=1, seed=0, name="index", progress=True):
     """Plan, train, fill shard by shard and merge the index of a datastore in this process.
     Finished steps are kept: a rerun after an interruption does only what is missing."""
-    plan = plan_index(datastore, factory, train_size, shards, seed, name)
-    train_index(datastore, plan, name, progress)
-    for shard in range(shards):
-        add_shard(datastore, plan, shard, name, progress)
-    merge_index(datastore, plan, name)
+    with writing(datastore.path, directory=True):
+        plan = plan_index(datastore, factory, train_size, shards, seed, name)
+        train_index(datastore, plan, name, progress)
+        for shard in range(shards):
+            add_shard(datastore, plan, shard, name, progress)
+        merge_index(datastore, plan, name)
     return plan
 
 
@@ -881,17 +1152,23 @@ class FaissIndex:
     """search(queries, k) by a datastore's FAISS index: the codes of the nprobe nearest lists ranked
     by quantised distance, then (recompute) exact distances from the float16 keys of the k retrieved."""
 
-    def __init__(self, datastore, nprobe=32, recompute=True, name="index"):
+    def __init__(self, datastore, nprobe=None, recompute=True, name="index"):
         meta_path = index_path(datastore, name, "json")
         if not os.path.isfile(meta_path):
+            if writer_pid(datastore.path, directory=True):
+                raise KnnlmError(f"the FAISS index {name} of {datastore.path} is being built now (by process "
+                                 f"{writer_pid(datastore.path, True)}): wait for the build to finish")
             raise KnnlmError(f"no FAISS index {name} in {datastore.path}: build one with "
                              f"`python build_datastore.py --index`, or search exactly")
-        if nprobe < 1:
-            raise KnnlmError(f"--nprobe must be at least 1, got {nprobe}")
-        self.meta = read_json(meta_path)
-        check_same(index_manifest(datastore), self.meta.get("datastore", {}),
+        self.meta = read_json(meta_path, INDEX_FIELDS)
+        check_same(index_manifest(datastore), self.meta["datastore"],
                    f"the datastore in {datastore.path}", f"its index {name}.faiss")
+        check_files(datastore.path, self.meta["files"])
         self.index = read_index(index_path(datastore, name, "faiss"))
+        nlist = faiss.extract_index_ivf(self.index).nlist
+        nprobe = min(NPROBE, nlist) if nprobe is None else nprobe
+        if not 1 <= nprobe <= nlist:
+            raise KnnlmError(f"--nprobe must be in [1, {nlist}] (the lists of {name}.faiss), got {nprobe}")
         if (self.index.ntotal, self.index.d) != (len(datastore), datastore.meta["dim"]):
             raise KnnlmError(f"index {index_path(datastore, name, 'faiss')} holds {self.index.ntotal:,} keys of "
                              f"dimension {self.index.d}, the datastore {len(datastore):,} of {datastore.meta['dim']}")
@@ -953,11 +1230,18 @@ def sort_neighbours(dists, ids):
 
 def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
     """log p_kNN(target | x) from the neighbours' squared distances [B, k] and values [B, k].
-    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN."""
-    scores = -dists / temperature                                          # [B, k]
+    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN.
+    Distances count from the nearest neighbour's (the softmax is the same), so that float32 keeps
+    its precision however far the neighbours are; T is kept within float32's range."""
+    finfo = torch.finfo(dists.dtype)
+    T = min(max(temperature, finfo.tiny), finfo.max)
+    nearest = dists.amin(dim=1, keepdim=True)
+    nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)        # a row with no neighbour at all
+    scores = (dists - nearest).div_(-T)                                    # [B, k]
     carries_target = neighbour_vals == targets[:, None]                   # [B, k]
-    return (torch.logsumexp(scores.masked_fill(~carries_target, -math.inf), dim=1)
-            - torch.logsumexp(scores, dim=1))
+    log_norm = torch.logsumexp(scores, dim=1)
+    log_p = torch.logsumexp(scores.masked_fill_(~carries_target, -math.inf), dim=1) - log_norm
+    return log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
 
 
 def knn_distribution(dists, neighbour_vals, vocab_size, temperature=1.0):
@@ -986,6 +1270,8 @@ def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_s
     [n, d], so that other datastores can be searched later without the model."""
     cfg = model.cfg
     device = next(model.parameters()).device
+    if len(tokens) < 2:
+        raise KnnlmError(f"{desc}: {len(tokens)} token(s), nothing to score (a text needs at least two)")
     out = {"targets": [], "log_p_lm": [], "queries": [], "dists": [], "neighbour_vals": []}
     search_seconds = 0.0
     bar = tqdm(total=len(tokens) - 1, unit="tok", desc=desc, disable=not progress)
@@ -1023,7 +1309,11 @@ def knnlm_log_probs(cache, lmbda, temperature=1.0, k=None):
 
 
 def perplexity(log_probs):
-    return math.exp(-log_probs.double().mean().item())
+    """exp(mean negative log-probability); inf when a token has probability 0 or the mean is beyond exp's range."""
+    try:
+        return math.exp(-log_probs.double().mean().item())
+    except OverflowError:
+        return math.inf
 
 
 def tune(cache, lambdas, temperatures, k=None):

@@ -39,17 +39,17 @@ parser.add_argument("--preset", default="cpu-small", choices=PRESETS,
                     help="model size: n_layer, n_head, d_model, context (default: %(default)s)")
 parser.add_argument("--min-freq", type=int, default=3,
                     help="words seen fewer times in train become <unk> (default: %(default)s)")
-parser.add_argument("--max-vocab", type=int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
+parser.add_argument("--max-vocab", type=knnlm.positive_int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
 parser.add_argument("--dropout", type=float, default=0.2, help="dropout (default: %(default)s)")
-parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
-parser.add_argument("--max-iters", type=int, default=600, help="optimizer steps (default: %(default)s)")
+parser.add_argument("--batch-size", type=knnlm.positive_int, default=8, help="sequences per step (default: %(default)s)")
+parser.add_argument("--max-iters", type=knnlm.positive_int, default=600, help="optimizer steps (default: %(default)s)")
 parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
 parser.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine (default: %(default)s)")
 parser.add_argument("--warmup-iters", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default: %(default)s)")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: %(default)s)")
-parser.add_argument("--eval-interval", type=int, default=100, help="steps between validations (default: %(default)s)")
-parser.add_argument("--eval-tokens", type=int, default=50_000,
+parser.add_argument("--eval-interval", type=knnlm.positive_int, default=100, help="steps between validations (default: %(default)s)")
+parser.add_argument("--eval-tokens", type=knnlm.positive_int, default=50_000,
                     help="validation tokens per periodic check, from the start of valid (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -59,9 +59,34 @@ parser.add_argument("--resume", action="store_true",
 args = parser.parse_args()
 last_path = os.path.splitext(args.out)[0] + ".last.pt"
 
+
+def learning_rate(step):
+    """Linear warm-up, then cosine decay to min_lr."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def random_batch():
+    starts = torch.randint(len(train) - block_size - 1, (args.batch_size,))
+    x = torch.stack([train[s:s + block_size] for s in starts])
+    y = torch.stack([train[s + 1:s + block_size + 1] for s in starts])
+    return x.to(args.device), y.to(args.device)
+
+
+@torch.no_grad()
+def validation_ppl():
+    model.eval()
+    cache = knnlm.score_split(model, valid, batch_size=16, progress=False)
+    model.train()
+    return knnlm.perplexity(cache["log_p_lm"])
+
+
 random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 n_layer, n_head, d_model, block_size = PRESETS[args.preset]
-with knnlm.user_errors():
+# one writer of a checkpoint at a time; its directory is checked writable before any work
+with knnlm.user_errors(), knnlm.writing(args.out), knnlm.writing(last_path):
     # data
     knnlm.check_device(args.device)
     data_dir = knnlm.resolve_corpus(args.data)
@@ -101,52 +126,30 @@ with knnlm.user_errors():
             torch.cuda.set_rng_state_all(last["cuda_rng"])
         print(f"resuming {last_path} at step {first_step} (best valid ppl {best_ppl:.2f})")
 
-
-def learning_rate(step):
-    """Linear warm-up, then cosine decay to min_lr."""
-    if step < args.warmup_iters:
-        return args.lr * (step + 1) / args.warmup_iters
-    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
-
-
-def random_batch():
-    starts = torch.randint(len(train) - block_size - 1, (args.batch_size,))
-    x = torch.stack([train[s:s + block_size] for s in starts])
-    y = torch.stack([train[s + 1:s + block_size + 1] for s in starts])
-    return x.to(args.device), y.to(args.device)
-
-
-@torch.no_grad()
-def validation_ppl():
-    model.eval()
-    cache = knnlm.score_split(model, valid, batch_size=16, progress=False)
-    model.train()
-    return knnlm.perplexity(cache["log_p_lm"])
-
-
-# training loop
-start = time.time()
-bar = tqdm(range(first_step, args.max_iters), desc="train", unit="step", initial=first_step, total=args.max_iters)
-for step in bar:
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(step)
-    x, y = random_batch()
-    loss = F.cross_entropy(model(x).view(-1, len(vocab)), y.view(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    optimizer.step()
-    bar.set_postfix(loss=f"{loss.item():.3f}",
-                    tok_per_s=f"{(step + 1 - first_step) * x.numel() / (time.time() - start):.0f}")
-    if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
-        ppl = validation_ppl()
-        if ppl < best_ppl:
-            best_ppl = ppl
-            knnlm.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
-        cuda_rng = {"cuda_rng": torch.cuda.get_rng_state_all()} if args.device.startswith("cuda") else {}
-        knnlm.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl, corpus=corpus,
-                              optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **cuda_rng, args=vars(args))
-        tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, valid ppl {ppl:.2f} "
-                   f"(best {best_ppl:.2f}), {time.time() - start:.0f}s")
-print(f"best valid perplexity {best_ppl:.2f} (on the first {len(valid):,} valid tokens), saved to {args.out}")
+    # training loop
+    start = time.time()
+    bar = tqdm(range(first_step, args.max_iters), desc="train", unit="step", initial=first_step, total=args.max_iters)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step)
+        x, y = random_batch()
+        loss = F.cross_entropy(model(x).view(-1, len(vocab)), y.view(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}",
+                        tok_per_s=f"{(step + 1 - first_step) * x.numel() / (time.time() - start):.0f}")
+        if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+            ppl = validation_ppl()
+            if ppl < best_ppl:
+                best_ppl = ppl
+                knnlm.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
+            cuda_rng = {"cuda_rng": torch.cuda.get_rng_state_all()} if args.device.startswith("cuda") else {}
+            knnlm.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl, corpus=corpus,
+                                  optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **cuda_rng, args=vars(args))
+            tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, valid ppl {ppl:.2f} "
+                       f"(best {best_ppl:.2f}), {time.time() - start:.0f}s")
+    if not os.path.isfile(args.out):  # every validation perplexity was NaN
+        raise knnlm.KnnlmError("no checkpoint saved: the validation perplexity was never finite")
+    print(f"best valid perplexity {best_ppl:.2f} (on the first {len(valid):,} valid tokens), saved to {args.out}")

@@ -64,9 +64,9 @@ def make_synthetic(path, n, d, seed=0, batch=1 << 16):
         knnlm.release_pages(keys)
     del keys
     np.save(os.path.join(path, "vals.npy"), np.zeros(n, np.int64))
-    knnlm.write_json({"count": n, "dim": d, "key_dtype": "float16", "key_type": "ffn_in_ln",
-                      "model_fingerprint": f"synthetic-{seed}", "vocab_fingerprint": "synthetic", "vocab_size": 1,
-                      "min_context": 0, "block_size": 0, "source": {"synthetic": n}}, os.path.join(path, "meta.json"))
+    knnlm.write_meta(path, {"count": n, "dim": d, "key_dtype": "float16", "key_type": "ffn_in_ln",
+                            "model_fingerprint": f"synthetic-{seed}", "vocab_fingerprint": "synthetic", "vocab_size": 1,
+                            "min_context": 0, "block_size": 0, "source": {"synthetic": n}}, progress=True)
     torch.save(subtopics[torch.randint(len(subtopics), (1024,), generator=g)] + torch.randn(1024, d, generator=g) * 0.7,
                os.path.join(path, "queries.pt"))
 

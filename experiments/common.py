@@ -3,7 +3,6 @@
 every analysis and every rerun re-mixes it instead of searching again), tuning, and
 writing each analysis's numbers (JSON) and plot (PNG) to experiments/results/."""
 import argparse
-import math
 import os
 import platform
 import subprocess
@@ -85,6 +84,8 @@ def cached_pass(args, model, vocab, datastore, data_dir, split=None):
     """score_split over a split (p_LM, the neighbours and the query keys of every token), cached."""
     split = split or args.split
     path = knnlm.split_path(data_dir, split)
+    with knnlm.user_errors():
+        knnlm.check_not_built_from(datastore, path)
     key = {"model": knnlm.fingerprint(model, vocab), "text": knnlm.file_fingerprint(path), "k": args.k,
            "datastore": {f: datastore.meta[f] for f in ("count", "key_type", "source", "model_fingerprint")}}
 
@@ -119,15 +120,6 @@ def machine():
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def finite(x):
-    """inf/nan -> None, so the JSON is standard (λ = 1 gives an infinite perplexity when a token has no neighbour)."""
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def corpus_name(args):
     return os.path.basename(os.path.normpath(args.data))
 
@@ -136,6 +128,6 @@ def save(args, name, numbers, fig):
     """Write experiments/results/<name>.json (with the command that made it) and <name>.png."""
     os.makedirs(args.out, exist_ok=True)
     numbers = {**numbers, "command": "python " + " ".join(sys.argv), "machine": machine()}
-    knnlm.write_json(finite(numbers), os.path.join(args.out, f"{name}.json"))
+    knnlm.write_json(numbers, os.path.join(args.out, f"{name}.json"))  # inf (λ = 1: a token without neighbour) -> null
     fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120, bbox_inches="tight")
     print(f"wrote {os.path.join(args.out, name)}.json and .png")

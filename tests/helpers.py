@@ -49,13 +49,14 @@ def clustered_keys(n, d, n_clusters=100, seed=0):
     return (sub[rng.integers(0, len(sub), n)] + rng.standard_normal((n, d))).astype(np.float16)
 
 
-def write_datastore(path, keys, vocab_size=100, seed=0):
-    """A datastore directory as build_datastore writes it, around given keys (random values)."""
+def write_datastore(path, keys, vocab_size=100, seed=0, **fields):
+    """A datastore directory as build_datastore writes it, around given keys (random values);
+    fields replace those of its manifest."""
     os.makedirs(path, exist_ok=True)
     np.save(os.path.join(path, "keys.npy"), keys)
     np.save(os.path.join(path, "vals.npy"), np.random.default_rng(seed).integers(0, vocab_size, len(keys)))
     meta = {"count": len(keys), "dim": keys.shape[1], "key_dtype": str(keys.dtype), "key_type": "ffn_in_ln",
             "model_fingerprint": "0123456789abcdef", "vocab_fingerprint": "fedcba9876543210",
-            "vocab_size": vocab_size, "min_context": 8, "block_size": 16, "source": None}
-    knnlm.write_json(meta, os.path.join(path, "meta.json"))
+            "vocab_size": vocab_size, "min_context": 8, "block_size": 16, "source": None, **fields}
+    knnlm.write_meta(str(path), meta)
     return knnlm.Datastore(str(path))

@@ -1,6 +1,7 @@
 """Nothing lost, nothing mismatched: every bad input gets one clear line and exit code 2;
 interrupted work resumes to the identical result; artifacts that don't belong together are refused."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -142,10 +143,14 @@ def test_disk_too_small_for_the_datastore(setup, tmp_path):
 
 # ---------------------------------------------------------------- manifests
 
-def edit_meta(work, **changes):
+def edit_meta(work, seal=True, **changes):
+    """Change fields of the datastore's manifest; seal: as a build with those fields would have written
+    it (a genuine datastore of another model, say), else as an edit by hand."""
     path = work / "runs" / "datastore" / "meta.json"
     meta = json.load(open(path))
     meta.update(changes)
+    if seal:
+        meta["seal"] = knnlm.seal(meta)
     json.dump(meta, open(path, "w"))
 
 
@@ -217,7 +222,8 @@ def test_interrupted_datastore_build_resumes_to_identical_files(slow_build, tmp_
     root, args = slow_build
     out = tmp_path / "ds"
     command = [sys.executable, os.path.join(ROOT, "build_datastore.py"), *map(str, args), "--out", str(out)]
-    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(tmp_path / "log", "w") as log:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=log)
     while not (out / "progress.json").exists() or json.load(open(out / "progress.json"))["rows"] < 1000:
         assert proc.poll() is None, "the build ended before it could be interrupted"
         time.sleep(0.01)
@@ -246,7 +252,8 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path):
     run("train.py", *args, "--out", tmp_path / "a" / "model.pt", cwd=tmp_path)
     last = tmp_path / "b" / "model.last.pt"
     command = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args), "--out", str(tmp_path / "b" / "model.pt")]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=log)
     while not last.exists():
         assert proc.poll() is None, "training ended before it could be interrupted"
         time.sleep(0.01)
@@ -286,3 +293,419 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["model.pt"]
     monkeypatch.undo()
     assert knnlm.load_checkpoint(path)[2]["step"] == 1
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+def start(script, *args, cwd, log):
+    """Start a script in the background, its output to the file log (a pipe nobody reads would fill up)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                                stdout=f, stderr=f)
+
+
+def wait_until(condition, proc):
+    while not condition():
+        assert proc.poll() is None, "the process ended too soon"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def quick_build(slow_build):
+    """slow_build's model and corpus, 16 windows a batch (the tests that pause a writer need no slow build),
+    and its datastore built uninterrupted in root/quick."""
+    root, args = slow_build
+    quick = [a if a != "1" else "16" for a in args]
+    run("build_datastore.py", *quick, "--out", root / "quick", cwd=root)
+    return root, quick
+
+
+@pytest.fixture(scope="module")
+def second_model(quick_build):
+    """Another model of the same shape and vocabulary as quick_build's, and its datastore in root/other_quick."""
+    root, args = quick_build
+    _, vocab, _ = knnlm.load_checkpoint(str(root / "model.pt"))
+    knnlm.save_checkpoint(str(root / "other.pt"), tiny_model(len(vocab), block_size=32, d_model=64, seed=1), vocab)
+    other = [a if a != root / "model.pt" else root / "other.pt" for a in args]
+    run("build_datastore.py", *other, "--out", root / "other_quick", cwd=root)
+    return other
+
+
+def same_files(a, b, names=("keys.npy", "vals.npy", "meta.json")):
+    return all(open(a / n, "rb").read() == open(b / n, "rb").read() for n in names)
+
+
+def test_a_second_build_into_the_same_out_is_refused_and_evaluate_says_it_is_in_progress(quick_build, second_model,
+                                                                                          tmp_path):
+    root, args = quick_build
+    out = tmp_path / "ds"
+    first = start("build_datastore.py", *args, "--out", out, cwd=root, log=tmp_path / "first.log")
+    wait_until(lambda: knnlm.writer_pid(str(out), directory=True) == str(first.pid), first)
+    first.send_signal(signal.SIGSTOP)  # holds its lock, however slow or fast this machine is
+    try:
+        fails(run("build_datastore.py", *second_model, "--out", out, cwd=root, check=False),
+              f"is being written by another process (pid {first.pid})")
+        fails(run("evaluate.py", "--data", args[1], "--checkpoint", root / "model.pt", "--datastore", out, cwd=root,
+                  check=False), f"is being built now (by process {first.pid})")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert same_files(out, root / "quick")  # nothing of the second model's in it
+
+
+def test_two_builds_started_together_never_mix(quick_build, second_model, tmp_path):
+    root, args = quick_build
+    out = tmp_path / "ds"
+    procs = [start("build_datastore.py", *a, "--out", out, cwd=root, log=tmp_path / f"{i}.log")
+             for i, a in enumerate([args, second_model])]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert sorted(codes) == [0, 2], codes
+    winner = ["quick", "other_quick"][codes.index(0)]
+    loser_log = open(tmp_path / f"{codes.index(2)}.log").read()
+    # refused by the lock, or (if the winner was done before it started) by the finished datastore's manifest
+    assert "is being written by another process" in loser_log or "model_fingerprint differs" in loser_log, loser_log
+    assert same_files(out, root / winner)
+
+
+def test_a_second_training_on_the_same_out_is_refused(tmp_path):
+    data = write_corpus(tmp_path / "corpus", n_lines=(100, 10, 10))
+    args = ["--data", data, "--preset", "tiny", "--max-iters", "20", "--eval-interval", "10", "--out", "model.pt"]
+    first = start("train.py", *args, cwd=tmp_path, log=tmp_path / "first.log")
+    wait_until(lambda: knnlm.writer_pid(str(tmp_path / "model.pt")) == str(first.pid), first)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = run("train.py", *args, "--seed", "1", cwd=tmp_path, check=False)
+        fails(second, f"model.pt is being written by another process (pid {first.pid})")
+        assert "saved to" not in second.stdout
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0 and "saved to model.pt" in open(tmp_path / "first.log").read()
+    assert knnlm.load_checkpoint(str(tmp_path / "model.pt"))[2]["args"]["seed"] == 0
+
+
+def test_a_killed_writer_leaves_no_lock_and_no_temporary_file_behind(quick_build, tmp_path):
+    """kill -9 in the middle of an atomic write: the OS drops the lock, and the rerun removes the half file."""
+    root, args = quick_build
+    out = tmp_path / "ds"
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import knnlm\n"
+            f"with knnlm.writing({str(out)!r}, directory=True), knnlm.atomic_write({str(out / 'progress.json')!r}) as tmp:\n"
+            "    open(tmp, 'w').write('half')\n"
+            "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = out / f"progress.json.tmp{proc.pid}"
+    wait_until(tmp.exists, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert tmp.exists() and knnlm.writer_pid(str(out), directory=True) is None
+    run("build_datastore.py", *args, "--out", out, cwd=root)
+    assert not tmp.exists() and same_files(out, root / "quick")
+    assert sorted(os.listdir(out)) == [".lock", "keys.npy", "meta.json", "vals.npy"]
+
+
+def test_resuming_with_another_batch_size_gives_the_same_datastore(slow_build, tmp_path):
+    root, args = slow_build  # batch size 1
+    out = tmp_path / "ds"
+    proc = start("build_datastore.py", *args, "--out", out, cwd=root, log=tmp_path / "log")
+    wait_until(lambda: (out / "progress.json").exists() and json.load(open(out / "progress.json"))["rows"] >= 1000, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    rows_done = json.load(open(out / "progress.json"))["rows"]
+    other_batch = [a if a != "1" else "7" for a in args]
+    assert f"resuming at row {rows_done:,}" in run("build_datastore.py", *other_batch, "--out", out, cwd=root).stdout
+    resumed, whole = knnlm.Datastore(str(out)), knnlm.Datastore(str(root / "uninterrupted"))
+    assert same_files(out, root / "uninterrupted", names=("vals.npy",))
+    torch.testing.assert_close(resumed.keys, whole.keys)  # other batch shapes: maybe other rounding
+    assert "already holds this datastore" in run("build_datastore.py", *args, "--out", out, cwd=root).stdout
+
+
+# ---------------------------------------------------------------- a full disk, a read-only directory
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 8 MB (tmpfs), mounted at tmp_path/disk; skipped where mounting needs a root we lack."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk):
+    """Fill the filesystem to the last byte."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:  # ENOSPC
+            pass
+
+
+def test_a_disk_that_fills_up_during_a_build_gives_a_clear_error_and_the_rerun_resumes(slow_build, small_disk):
+    root, args = slow_build  # one window a batch, a progress record after each
+    out = small_disk / "ds"
+    proc = start("build_datastore.py", *args, "--out", out, cwd=root, log=small_disk.parent / "log")
+    wait_until(lambda: (out / "progress.json").exists(), proc)
+    proc.send_signal(signal.SIGSTOP)
+    fill(small_disk)  # the keys and values have their space already; the next progress record has none
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=300) == 2
+    log = open(small_disk.parent / "log").read()
+    assert "error: cannot write" in log and "No space left on device" in log and "Traceback" not in log, log
+    os.remove(small_disk / "filler")
+    assert "resuming at row" in run("build_datastore.py", *args, "--out", out, cwd=root).stdout
+    assert same_files(out, root / "uninterrupted")
+
+
+def test_a_disk_too_full_for_the_files_is_refused_before_any_work(quick_build, small_disk, tmp_path):
+    """The space is reserved when the files are made: here a free-space check that lies (another
+    process fills the disk right after it) still ends in one clear line, not SIGBUS later."""
+    root, args = quick_build
+    out = small_disk / "ds"
+    fill(small_disk)
+    os.truncate(small_disk / "filler", os.path.getsize(small_disk / "filler") - 2 * 10**6)  # 2 MB left of 3.7 needed
+    code = ("import runpy, shutil, sys; shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**9, 0, 10**9);"
+            f"sys.path.insert(0, {ROOT!r}); sys.argv = ['build_datastore.py', *{list(map(str, args))!r}, '--out', {str(out)!r}];"
+            f"runpy.run_path({os.path.join(ROOT, 'build_datastore.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    fails(result, "No space left on device: free some space and rerun")
+    assert "cannot reserve" in result.stderr and not (out / "keys.npy").exists()
+    os.remove(small_disk / "filler")
+    run("build_datastore.py", *args, "--out", out, cwd=root)
+    assert same_files(out, root / "quick")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory no one may write in: a read-only filesystem for root (who ignores permissions), else mode 555."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only filesystem here: {mounted.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.parametrize("script, flag, name, extra", [("train.py", "--out", "model.pt", ["--preset", "tiny"]),
+                                                       ("build_datastore.py", "--out", "ds", []),
+                                                       ("evaluate.py", "--results", "results.json", ["--k", "8"])])
+def test_a_read_only_output_directory_is_refused_before_any_work(setup, read_only_dir, script, flag, name, extra):
+    root, data = setup
+    result = run(script, "--data", data, *extra, flag, read_only_dir / name, cwd=root, check=False)
+    fails(result, f"cannot write to {read_only_dir}")
+    assert "step" not in result.stdout and "tokens |" not in result.stdout  # refused before training or scoring
+
+
+# ---------------------------------------------------------------- every output checked before the work
+
+@pytest.mark.parametrize("content, message", [(None, "is a directory, not a file"),
+                                              ("{not json", "cannot read"),
+                                              ("[1, 2]", "holds a JSON list, not the object expected")])
+def test_a_bad_results_path_is_refused_before_the_evaluation(setup, tmp_path, content, message):
+    root, data = setup
+    path = tmp_path / "results.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    result = run("evaluate.py", "--data", data, "--k", "8", "--results", path, cwd=root, check=False)
+    fails(result, message)
+    assert "tokens |" not in result.stdout  # no split was scored
+
+
+# ---------------------------------------------------------------- silent wrong answers
+
+def test_a_datastore_of_the_evaluated_split_is_refused_unless_asked_for(setup, tmp_path):
+    work, data = copy_work(setup, tmp_path)
+    run("build_datastore.py", "--data", data, "--split", "test", "--out", "test_ds", cwd=work)
+    for flags in ([], ["--tune"]):  # the test split scored, or valid for tuning as well
+        fails(run("evaluate.py", "--data", data, "--datastore", "test_ds", "--k", "8", *flags, cwd=work, check=False),
+              "was built from")
+    run("build_datastore.py", "--data", data, "--split", "valid", "--out", "valid_ds", cwd=work)
+    fails(run("evaluate.py", "--data", data, "--datastore", "valid_ds", "--k", "8", "--tune", cwd=work, check=False),
+          "wiki.valid.tokens, the text being evaluated")
+    out = run("evaluate.py", "--data", data, "--datastore", "test_ds", "--k", "8", "--allow-eval-split-datastore",
+              cwd=work).stdout
+    assert "kNN-LM ppl" in out
+
+
+def other_datastore(setup, tmp_path, seed=1):
+    """A datastore of the same shape built by another model (same vocabulary)."""
+    root, data = setup
+    _, vocab, _ = knnlm.load_checkpoint(str(root / "runs" / "model.pt"))
+    knnlm.save_checkpoint(str(tmp_path / "other.pt"), tiny_model(len(vocab), seed=seed), vocab)
+    run("build_datastore.py", "--data", data, "--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "other",
+        cwd=tmp_path)
+    return tmp_path / "other"
+
+
+@pytest.mark.parametrize("name", ["keys.npy", "vals.npy"])
+def test_a_file_swapped_in_from_another_datastore_is_refused(setup, tmp_path, name):
+    work, data = copy_work(setup, tmp_path)
+    other = other_datastore(setup, tmp_path)
+    if name == "vals.npy":  # the other model's values are the same text's: make them another text's
+        vals = np.load(other / name)
+        np.save(other / name, np.roll(vals, 1))
+    shutil.copy(other / name, work / "runs" / "datastore" / name)
+    fails(run("evaluate.py", "--data", data, cwd=work, check=False),
+          f"runs/datastore/{name} is not the file its manifest vouches for")
+
+
+def test_a_hand_edited_manifest_is_refused(setup, tmp_path):
+    work, data = copy_work(setup, tmp_path)
+    edit_meta(work, seal=False, key_type="attn_out")  # a key type it was not built with
+    fails(run("evaluate.py", "--data", data, cwd=work, check=False), "meta.json was edited")
+
+
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_values_outside_the_vocabulary_are_refused(tmp_path, bad):
+    from helpers import write_datastore
+    vals_path = tmp_path / "ds" / "vals.npy"
+    write_datastore(tmp_path / "ds", np.ones((50, 4), np.float16), vocab_size=100)
+    vals = np.load(vals_path)
+    vals[17] = bad
+    np.save(vals_path, vals)
+    meta = json.load(open(tmp_path / "ds" / "meta.json"))
+    knnlm.write_meta(str(tmp_path / "ds"), {f: v for f, v in meta.items() if f not in ("files", "seal")})  # vouched for
+    with pytest.raises(knnlm.KnnlmError, match=r"vals.npy holds token ids outside \[0, 100\)"):
+        knnlm.Datastore(str(tmp_path / "ds"))
+
+
+def test_verify_reads_every_byte(quick_build, tmp_path):
+    """One key changed where the sampled checksum does not look: loading accepts it, --verify does not."""
+    root, args = quick_build
+    shutil.copytree(root / "quick", tmp_path / "ds")
+    path = tmp_path / "ds" / "keys.npy"
+    size = os.path.getsize(path)
+    sampled = [max(0, size - 4096) * i // 63 for i in range(64)]
+    offset = sampled[31] + 4096 + 100  # between two sampled blocks
+    assert offset < sampled[32]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+    evaluate = ["evaluate.py", *args[:4], "--k", "8"]
+    assert "kNN-LM ppl" in run(*evaluate, "--datastore", tmp_path / "ds", cwd=root).stdout
+    fails(run(*evaluate, "--datastore", tmp_path / "ds", "--verify", cwd=root, check=False),
+          "keys.npy is not the file its manifest vouches for")
+    assert "kNN-LM ppl" in run(*evaluate, "--datastore", root / "quick", "--verify", cwd=root).stdout
+
+
+def test_an_index_file_of_another_datastore_of_the_same_shape_is_refused(setup, tmp_path):
+    work, data = copy_work(setup, tmp_path)
+    other = other_datastore(setup, tmp_path)
+    for ds in (work / "runs" / "datastore", other):
+        run("build_datastore.py", "--data", data, "--out", ds, "--index", "--factory", "IVF4,Flat",
+            "--checkpoint", work / "runs" / "model.pt" if ds != other else tmp_path / "other.pt", cwd=work)
+    shutil.copy(other / "index.faiss", work / "runs" / "datastore" / "index.faiss")  # index.json left as it was
+    fails(run("evaluate.py", "--data", data, "--k", "8", "--backend", "faiss", "--nprobe", "4", cwd=work, check=False),
+          "index.faiss")
+    fails(run("evaluate.py", "--data", data, "--k", "8", "--backend", "faiss", "--nprobe", "5", cwd=setup[0],
+              check=False), "no FAISS index")
+
+
+# ---------------------------------------------------------------- numbers at the edges
+
+def test_a_tiny_temperature_is_the_nearest_neighbour_limit_not_nan(setup):
+    root, data = setup
+    dists = torch.tensor([[3.0, 5.0, 5.0, 9.0]])
+    for T in (1e-300, 1e-40, 1e-3):
+        log_p = knnlm.knn_log_prob(dists, torch.tensor([[7, 8, 9, 7]]), torch.tensor([7]), T)
+        assert log_p.item() == pytest.approx(0.0, abs=1e-6)  # all the mass on the nearest, which carries 7
+    out = run("evaluate.py", "--data", data, "--k", "8", "--temperature", "1e-300", cwd=root).stdout
+    ppl = float(out.split("kNN-LM ppl ")[1].split()[0])
+    assert 0 < ppl < float("inf")
+
+
+def test_far_neighbours_keep_their_precision_in_float32():
+    """float32 p_kNN of neighbours at distances ~2e3 and ~1e6 equals float64's of the same distances
+    (without counting from the nearest, exp(-1e6 / T) underflows to 0 for every neighbour)."""
+    g = torch.Generator().manual_seed(0)
+    vals, targets = torch.randint(5, (64, 32), generator=g), torch.randint(5, (64,), generator=g)
+    for offset in (2e3, 1e6):
+        dists = (offset + torch.rand(64, 32, generator=g) * 20).sort(1)[0].float()
+        exact = knnlm.knn_log_prob(dists.double(), vals, targets, 3.0)
+        found = knnlm.knn_log_prob(dists, vals, targets, 3.0)
+        torch.testing.assert_close(found.double(), exact, rtol=0, atol=1e-5)
+
+
+def test_perplexity_beyond_exp_range_is_inf():
+    assert knnlm.perplexity(torch.full((10,), -800.0)) == float("inf")
+    assert knnlm.perplexity(torch.tensor([0.0, -math.inf])) == float("inf")
+
+
+def test_an_infinite_perplexity_is_written_as_null_and_said_why(setup, tmp_path):
+    root, data = setup
+    out = run("evaluate.py", "--data", data, "--k", "1", "--lambda", "1", "--results", tmp_path / "r.json", cwd=root).stdout
+    assert "the kNN-LM perplexity is infinite" in out
+    results = json.loads(open(tmp_path / "r.json").read(),
+                         parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert results["knnlm_ppl"]["test"] is None and results["non_finite"]["knnlm_ppl.test"] == "inf"
+
+
+# ---------------------------------------------------------------- one line, not a traceback
+
+@pytest.mark.parametrize("script", ["train.py", "build_datastore.py", "evaluate.py"])
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_a_batch_size_below_one_is_refused(setup, script, value):
+    root, data = setup
+    fails(run(script, "--data", data, "--batch-size", value, cwd=root, check=False),
+          "argument --batch-size: must be a positive integer")
+
+
+@pytest.mark.parametrize("script, flag", [("train.py", "--max-iters"), ("build_datastore.py", "--train-size"),
+                                          ("build_datastore.py", "--index-shards")])
+def test_zero_is_refused_not_taken_for_the_default(setup, tmp_path, script, flag):
+    root, data = setup
+    result = run(script, "--data", data, "--out", tmp_path / "out", flag, "0", cwd=root, check=False)
+    fails(result, f"argument {flag}: must be a positive integer, got 0")
+    assert "saved to" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_a_vocabulary_of_fewer_than_three_words_is_refused(setup, tmp_path):
+    root, data = setup
+    fails(run("train.py", "--data", data, "--max-vocab", "1", "--out", tmp_path / "m.pt", cwd=root, check=False),
+          "--max-vocab must be at least 3")
+    assert len(knnlm.Vocab.build(knnlm.split_path(data, "train"), max_size=3)) == 3
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("meta.json", "[]", "holds a JSON list, not the object expected"),
+    ("meta.json", '{"count": "many"}', "field 'count' is 'many'"),
+    ("index.json", '{"factory": 4}', "field 'datastore' is None"),
+])
+def test_manifests_of_the_wrong_shape_are_refused(setup, tmp_path, name, content, message):
+    work, data = copy_work(setup, tmp_path)
+    if name == "index.json":
+        run("build_datastore.py", "--data", data, "--index", "--factory", "IVF4,Flat", cwd=work)
+    (work / "runs" / "datastore" / name).write_text(content)
+    fails(run("evaluate.py", "--data", data, "--k", "8", "--backend", "faiss" if name == "index.json" else "auto",
+              "--nprobe", "4", cwd=work, check=False), message)
+
+
+@pytest.mark.parametrize("missing", ["fingerprint", "vocab"])
+def test_a_checkpoint_without_its_fingerprint_or_vocabulary_is_refused(setup, tmp_path, missing):
+    work, data = copy_work(setup, tmp_path)
+    ckpt = torch.load(work / "runs" / "model.pt", weights_only=False)
+    del ckpt[missing]
+    torch.save(ckpt, work / "runs" / "model.pt")
+    fails(run("evaluate.py", "--data", data, cwd=work, check=False),
+          f"runs/model.pt is not a checkpoint of train.py: it has no {missing}")
+
+
+def test_a_split_of_blank_lines_is_refused_before_the_evaluation(setup, tmp_path):
+    root, data = setup
+    shutil.copytree(data, tmp_path / "corpus")
+    (tmp_path / "corpus" / "wiki.test.tokens").write_text(" \n \n\n")
+    result = run("evaluate.py", "--data", tmp_path / "corpus", "--tune", cwd=root, check=False)
+    fails(result, "wiki.test.tokens has no words, only blank lines")
+    assert "tokens |" not in result.stdout  # valid was not scored first
