@@ -9,7 +9,6 @@ from one pass that computes p_LM and the k nearest neighbours of every token.
 re-mixing of the cached p_LM and neighbours) and evaluates --split with them.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -19,26 +18,19 @@ from contextlib import ExitStack
 import torch
 
 import knnlm
+import machinery
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--data", default="data/wikitext-103-small",
-                    help="directory with wiki.{train,valid,test}.tokens (default: %(default)s)")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "min_context",
+                                                              "batch_size", "device")])
 parser.add_argument("--split", default="test", choices=knnlm.SPLITS, help="split to evaluate (default: %(default)s)")
-parser.add_argument("--checkpoint", default="runs/model.pt", help="model from train.py (default: %(default)s)")
-parser.add_argument("--datastore", default="runs/datastore",
-                    help="datastore from build_datastore.py, from this corpus or another (default: %(default)s)")
-parser.add_argument("--k", type=int, default=1024, help="neighbours per token (default: %(default)s, the paper's)")
 parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25,
                     help="interpolation weight of p_kNN (default: %(default)s, the paper's in-domain value)")
 parser.add_argument("--temperature", type=float, default=1.0,
                     help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, as in the paper)")
-parser.add_argument("--backend", default="auto", choices=knnlm.SEARCH_BACKENDS + ("faiss",),
-                    help="nearest-neighbour search: torch = exact, chunked matmul + top-k in PyTorch; ext = exact, "
-                         "the C++ kernel of csrc/; faiss = the datastore's IVF-PQ index (build_datastore.py --index); "
-                         f"auto = faiss beyond {knnlm.EXACT_MAX_KEYS:,} keys when the index exists, else ext when "
-                         "built, else torch (default: %(default)s)")
+machinery.backend_argument(parser)
 parser.add_argument("--nprobe", type=int, default=None,
-                    help=f"faiss: inverted lists visited per query (default: the paper's {knnlm.NPROBE}, or all "
+                    help=f"faiss: inverted lists visited per query (default: the paper's {machinery.NPROBE}, or all "
                          "lists when the index has fewer)")
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                     help="faiss: re-rank the retrieved neighbours by exact distances from the float16 keys "
@@ -52,12 +44,6 @@ parser.add_argument("--verify", action="store_true",
 parser.add_argument("--allow-eval-split-datastore", action="store_true",
                     help="evaluate a split the datastore was built from (refused by default: every token "
                          "finds itself among its neighbours, and the perplexity means nothing)")
-parser.add_argument("--min-context", type=int, default=None,
-                    help="every scored token has at least this many tokens of left context "
-                         "(default: half the model's context)")
-parser.add_argument("--batch-size", type=knnlm.positive_int, default=16, help="windows per forward pass (default: %(default)s)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu or cuda (default: cuda when present)")
 args = parser.parse_args()
 if not 0 <= args.lmbda <= 1:
     parser.error(f"--lambda must be in [0, 1], got {args.lmbda}")
@@ -66,55 +52,46 @@ if not args.temperature > 0:
 if args.k <= 0:
     parser.error(f"--k must be positive, got {args.k}")
 
-LAMBDAS = [i / 20 for i in range(20)]  # 0, 0.05, ..., 0.95
-TEMPERATURES = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
-
 start = time.time()
 outputs = ExitStack()  # the results file: checked, and locked against a second writer, before any work
-with knnlm.user_errors():
+with machinery.user_errors():
     if args.results:
-        outputs.enter_context(knnlm.writing(args.results))
-        earlier = knnlm.read_json(args.results, {}) if os.path.isfile(args.results) else {}
-    model, vocab, ckpt = knnlm.load_checkpoint(args.checkpoint, knnlm.check_device(args.device))
-    datastore = knnlm.Datastore(args.datastore)
+        outputs.enter_context(machinery.writing(args.results))
+        earlier = machinery.read_json(args.results, {}) if os.path.isfile(args.results) else {}
+    model, vocab, ckpt = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
+    datastore = machinery.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
     if args.verify:
         datastore.verify()
     if args.k > len(datastore):
         raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
-    if args.backend == "faiss" or (args.backend == "auto" and len(datastore) > knnlm.EXACT_MAX_KEYS
-                                   and datastore.has_index()):
-        datastore.load_index(args.nprobe, args.recompute)
-        backend = "faiss"
-    else:
-        backend = knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
-    data_dir = knnlm.resolve_corpus(args.data)
+    backend = datastore.use(args.backend, args.device, args.k, args.nprobe, args.recompute)
+    data_dir = machinery.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     splits = (["valid"] if args.tune or args.results else []) + [args.split] + (["test"] if args.results else [])
     tokens = {}
     for split in dict.fromkeys(splits):  # every split read and checked before the long passes
         path = knnlm.split_path(data_dir, split)
         if not args.allow_eval_split_datastore:
-            knnlm.check_not_built_from(datastore, path)
+            machinery.check_not_built_from(datastore, path)
         tokens[split] = vocab.encode_file(path)
         if (tokens[split] != vocab.stoi[knnlm.EOS]).sum() == 0:
             raise knnlm.KnnlmError(f"{path} has no words, only blank lines: nothing to evaluate")
 search = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
           f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")
-print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.meta['key_type']}), search: {search}; "
+print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), search: {search}; "
       f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
 def score(split):
-    return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size,
-                             key_type=datastore.meta["key_type"], backend=backend, desc=split)
+    return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size, desc=split)
 
 
 caches = {}
 if args.tune or args.results:
     caches["valid"] = score("valid")
 if args.tune:
-    args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], LAMBDAS, TEMPERATURES)
+    args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES)
     print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
 for split in splits:
     if split not in caches:
@@ -135,11 +112,11 @@ if args.results:
     results = {"lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
                "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
                "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
-               "key_type": datastore.meta["key_type"], "min_context": min_context,
+               "key_type": datastore.key_type, "min_context": min_context,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
                "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv),
                **({"backends": earlier["backends"]} if "backends" in earlier else {})}  # from bench/index.py
-    with knnlm.user_errors():
-        knnlm.write_json(results, args.results)
+    with machinery.user_errors():
+        machinery.write_json(results, args.results)
     print(f"wrote {args.results}")
 outputs.close()

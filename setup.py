@@ -1,6 +1,8 @@
-"""Builds knnlm_ext, the C++ top-k L2 search kernel (csrc/), against the installed torch:
+"""Builds knnlm_ext, the C++ search kernels of csrc/, against the installed torch:
 
     pip install --no-build-isolation -e .
+
+Importing knnlm_ext registers the ops torch.ops.knnlm.topk_l2 and torch.ops.knnlm.rerank_l2.
 
 The CUDA kernel is built too when torch is a CUDA build and a CUDA toolkit is found;
 KNNLM_CUDA=1 forces it, KNNLM_CUDA=0 skips it.
@@ -16,20 +18,21 @@ if want_cuda not in ("auto", "0", "1"):
     raise SystemExit(f"KNNLM_CUDA must be auto, 0 or 1, got {want_cuda!r}")
 with_cuda = want_cuda == "1" or (want_cuda == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
 
+sources = ["csrc/topk_l2.cpp", "csrc/rerank_l2.cpp"]
 openmp = ["-fopenmp"]  # at::parallel_for runs its loop on OpenMP threads only when compiled with it
 if with_cuda:
-    ext = CUDAExtension("knnlm_ext", ["csrc/topk_l2.cpp", "csrc/topk_l2_cuda.cu"],
+    ext = CUDAExtension("knnlm_ext", [*sources, "csrc/topk_l2_cuda.cu"],
                         define_macros=[("WITH_CUDA", None)],
                         extra_compile_args={"cxx": ["-O3", *openmp], "nvcc": ["-O3"]}, extra_link_args=openmp)
 else:
-    ext = CppExtension("knnlm_ext", ["csrc/topk_l2.cpp"],
+    ext = CppExtension("knnlm_ext", sources,
                        extra_compile_args={"cxx": ["-O3", *openmp]}, extra_link_args=openmp)
 
 setup(
     name="knnlm",
     version="0.1.0",
     description="kNN-LM (Khandelwal et al., ICLR 2020): a minimal, readable reference implementation",
-    py_modules=["knnlm"],
+    py_modules=["knnlm", "machinery"],
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",

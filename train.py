@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import knnlm
+import machinery
 
 PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
     "tiny": (2, 2, 32, 32),  # for tests and smoke runs
@@ -30,30 +31,25 @@ PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
     "paper": (16, 16, 1024, 3072),  # Baevski & Auli's WikiText-103 model size (the paper uses adaptive softmax)
 }
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--data", default="data/wikitext-103-small",
-                    help="directory with wiki.{train,valid,test}.tokens; a missing wikitext-103, wikitext-2 "
-                         "or wikitext-103-small directory is downloaded (default: %(default)s)")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=[machinery.arguments("data", "batch_size", "device", batch_size=8)])
 parser.add_argument("--out", default="runs/model.pt", help="checkpoint path (default: %(default)s)")
 parser.add_argument("--preset", default="cpu-small", choices=PRESETS,
                     help="model size: n_layer, n_head, d_model, context (default: %(default)s)")
 parser.add_argument("--min-freq", type=int, default=3,
                     help="words seen fewer times in train become <unk> (default: %(default)s)")
-parser.add_argument("--max-vocab", type=knnlm.positive_int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
+parser.add_argument("--max-vocab", type=machinery.positive_int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
 parser.add_argument("--dropout", type=float, default=0.2, help="dropout (default: %(default)s)")
-parser.add_argument("--batch-size", type=knnlm.positive_int, default=8, help="sequences per step (default: %(default)s)")
-parser.add_argument("--max-iters", type=knnlm.positive_int, default=600, help="optimizer steps (default: %(default)s)")
+parser.add_argument("--max-iters", type=machinery.positive_int, default=600, help="optimizer steps (default: %(default)s)")
 parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
 parser.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine (default: %(default)s)")
 parser.add_argument("--warmup-iters", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
 parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default: %(default)s)")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: %(default)s)")
-parser.add_argument("--eval-interval", type=knnlm.positive_int, default=100, help="steps between validations (default: %(default)s)")
-parser.add_argument("--eval-tokens", type=knnlm.positive_int, default=50_000,
+parser.add_argument("--eval-interval", type=machinery.positive_int, default=100, help="steps between validations (default: %(default)s)")
+parser.add_argument("--eval-tokens", type=machinery.positive_int, default=50_000,
                     help="validation tokens per periodic check, from the start of valid (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu or cuda (default: cuda when present)")
 parser.add_argument("--resume", action="store_true",
                     help="continue from --out's .last.pt: weights, optimizer, schedule step and random state")
 args = parser.parse_args()
@@ -86,14 +82,14 @@ def validation_ppl():
 random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 n_layer, n_head, d_model, block_size = PRESETS[args.preset]
 # one writer of a checkpoint at a time; its directory is checked writable before any work
-with knnlm.user_errors(), knnlm.writing(args.out), knnlm.writing(last_path):
+with machinery.user_errors(), machinery.writing(args.out), machinery.writing(last_path):
     # data
-    knnlm.check_device(args.device)
-    data_dir = knnlm.resolve_corpus(args.data)
+    machinery.check_device(args.device)
+    data_dir = machinery.resolve_corpus(args.data)
     train_path = knnlm.split_path(data_dir, "train")
     vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)
     train = vocab.encode_file(train_path)
-    corpus = {"file": train_path, "sha256": knnlm.file_fingerprint(train_path)}
+    corpus = {"file": train_path, "sha256": machinery.file_fingerprint(train_path)}
     valid = vocab.encode_file(knnlm.split_path(data_dir, "valid"))[:args.eval_tokens]
     if len(train) < block_size + 2 or len(valid) < 2:
         raise knnlm.KnnlmError(f"{data_dir}: train has {len(train)} tokens and valid {len(valid)}; "
@@ -114,10 +110,11 @@ with knnlm.user_errors(), knnlm.writing(args.out), knnlm.writing(last_path):
 
     first_step, best_ppl = 0, math.inf
     if args.resume:
-        _, last_vocab, last = knnlm.load_checkpoint(last_path, args.device)
-        knnlm.check_same({"config": asdict(cfg), "vocab": vocab.fingerprint(), "corpus": corpus["sha256"]},
-                         {"config": last["config"], "vocab": last_vocab.fingerprint(), "corpus": last["corpus"]["sha256"]},
-                         "these arguments", last_path)
+        _, last_vocab, last = machinery.load_checkpoint(last_path, args.device)
+        machinery.check_same({"config": asdict(cfg), "vocab": machinery.vocab_fingerprint(vocab), "corpus": corpus["sha256"]},
+                             {"config": last["config"], "vocab": machinery.vocab_fingerprint(last_vocab),
+                              "corpus": last["corpus"]["sha256"]},
+                             "these arguments", last_path)
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         first_step, best_ppl = last["step"], last["best_ppl"]
@@ -144,9 +141,9 @@ with knnlm.user_errors(), knnlm.writing(args.out), knnlm.writing(last_path):
             ppl = validation_ppl()
             if ppl < best_ppl:
                 best_ppl = ppl
-                knnlm.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
+                machinery.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
             cuda_rng = {"cuda_rng": torch.cuda.get_rng_state_all()} if args.device.startswith("cuda") else {}
-            knnlm.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl, corpus=corpus,
+            machinery.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl, corpus=corpus,
                                   optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **cuda_rng, args=vars(args))
             tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, valid ppl {ppl:.2f} "
                        f"(best {best_ppl:.2f}), {time.time() - start:.0f}s")

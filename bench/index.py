@@ -11,11 +11,11 @@ Benchmark of the FAISS IVF-PQ index (knnlm.py, section 5) against exact search.
    paper's section 5), at the λ and temperature of results/wikitext-103-small.json;
    written there under "backends".
 
-    python bench/index.py --data ../shared/data/wikitext-103-small
+    python -m bench.index --data ../shared/data/wikitext-103-small
 
 Writes bench/results/index.json and index.md. The paper's 8-bit PQ64 against the default:
 
-    python bench/index.py --sizes --no-end-to-end --factories IVF2048,PQ64 IVF2048,PQ128x4fs --out index-pq64
+    python -m bench.index --sizes --no-end-to-end --factories IVF2048,PQ64 IVF2048,PQ128x4fs --out index-pq64
  recall@1024: the share of the exact
 1024 nearest keys among the 1024 found; recall@16: of the exact 16 nearest among
 the first 16 found (after re-ranking).
@@ -29,13 +29,15 @@ import subprocess
 import sys
 import time
 
+import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import knnlm  # noqa: E402
+import knnlm
+import machinery
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 K = 1024
 
 
@@ -55,28 +57,28 @@ def make_synthetic(path, n, d, seed=0, batch=1 << 16):
     g = torch.Generator().manual_seed(seed)
     topics = torch.randn(1000, d, generator=g) * 2
     subtopics = topics.repeat_interleave(20, 0) + torch.randn(20000, d, generator=g)
-    keys = knnlm.open_npy(os.path.join(path, "keys.npy"), "w+", np.float16, (n, d))
+    keys = machinery.open_npy(os.path.join(path, "keys.npy"), "w+", np.float16, (n, d))
     for start in range(0, n, batch):
         rows = min(batch, n - start)
         chunk = subtopics[torch.randint(len(subtopics), (rows,), generator=g)] + torch.randn(rows, d, generator=g) * 0.7
         keys[start:start + rows] = chunk.half().numpy()
         keys.flush()
-        knnlm.release_pages(keys)
+        machinery.release_pages(keys)
     del keys
     np.save(os.path.join(path, "vals.npy"), np.zeros(n, np.int64))
-    knnlm.write_meta(path, {"count": n, "dim": d, "key_dtype": "float16", "key_type": "ffn_in_ln",
-                            "model_fingerprint": f"synthetic-{seed}", "vocab_fingerprint": "synthetic", "vocab_size": 1,
-                            "min_context": 0, "block_size": 0, "source": {"synthetic": n}}, progress=True)
+    machinery.Manifest(count=n, dim=d, key_dtype="float16", key_type="ffn_in_ln", model_fingerprint=f"synthetic-{seed}",
+                       vocab_fingerprint="synthetic", vocab_size=1, min_context=0, block_size=0,
+                       source={"synthetic": n}).write(path, progress=True)
     torch.save(subtopics[torch.randint(len(subtopics), (1024,), generator=g)] + torch.randn(1024, d, generator=g) * 0.7,
                os.path.join(path, "queries.pt"))
 
 
 def child(args):
     """--phase build|search in a process of its own, so that its peak memory is its own."""
-    datastore = knnlm.Datastore(args.store)
+    datastore = machinery.DiskDatastore(args.store)
     if args.phase == "build":
         start = time.time()
-        plan = knnlm.build_index(datastore, factory=args.factory, progress=False)
+        plan = machinery.build_index(datastore, factory=args.factory, progress=False)
         print(json.dumps({"factory": plan["factory"], "train_size": plan["train_size"],
                           "build_seconds": time.time() - start,
                           "index_bytes": os.path.getsize(os.path.join(args.store, "index.faiss")),
@@ -100,7 +102,9 @@ def overlap(found, exact):
 
 
 def run_child(*args):
-    result = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "bench.index", *map(str, args)], capture_output=True, text=True,
+                            env=env)
     if result.returncode != 0:
         sys.exit(result.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -108,22 +112,29 @@ def run_child(*args):
 
 def bench_store(name, store, queries, nprobes, scratch, factory=None):
     """Build the index and search it in child processes; exact search here gives the truth."""
-    datastore = knnlm.Datastore(store)
+    datastore = machinery.DiskDatastore(store)
     query_file, truth_file = os.path.join(scratch, f"{name}-queries.pt"), os.path.join(scratch, f"{name}-truth.pt")
     torch.save(queries, query_file)
+    datastore.use(exact_backend(datastore, queries.device), queries.device, K)
     start = time.time()
-    _, truth = datastore.search(queries, K, "auto")
+    _, truth = datastore.search(queries, K)
     exact_qps = len(queries) / (time.time() - start)
     torch.save(truth, truth_file)
     for f in os.listdir(store):
         if f.startswith("index."):
             os.remove(os.path.join(store, f))
-    record = {"data": name, "N": len(datastore), "d": datastore.meta["dim"], "exact_qps": exact_qps}
+    record = {"data": name, "N": len(datastore), "d": datastore.meta.dim, "exact_qps": exact_qps}
     record.update(run_child("--phase", "build", "--store", store, *(["--factory", factory] if factory else [])))
     record.update(run_child("--phase", "search", "--store", store, "--queries", query_file, "--truth", truth_file,
                             "--nprobe", *nprobes))
     print(json.dumps(record), flush=True)
     return record
+
+
+def exact_backend(datastore, device):
+    """Exact search ("auto" among the exact backends: the kernel when built, else PyTorch), however many keys
+    (datastore.use("auto") would take the FAISS index of a datastore beyond machinery.EXACT_MAX_KEYS keys)."""
+    return machinery.search_backend("auto", device, datastore.keys.device, K)
 
 
 def wikitext_queries(model, tokens, key_type, n=1024):
@@ -139,16 +150,15 @@ def wikitext_queries(model, tokens, key_type, n=1024):
 
 def end_to_end(model, vocab, data_dir, datastore, results_path):
     """Test perplexity of kNN-LM with each search, at the tuned λ and temperature of the results file."""
-    results = knnlm.read_json(results_path)
+    results = machinery.read_json(results_path)
     tokens = vocab.encode_file(knnlm.split_path(data_dir, "test"))
-    datastore.load_index(32)
+    device = next(model.parameters()).device
     rows = {}
-    for name, backend, recompute in (("exact", "auto", None), ("IVF-PQ", "faiss", False),
+    for name, backend, recompute in (("exact", exact_backend(datastore, device), None), ("IVF-PQ", "faiss", False),
                                      ("IVF-PQ + recompute", "faiss", True)):
-        if recompute is not None:
-            datastore.index.recompute = recompute
+        datastore.use(backend, device, K, nprobe=32, recompute=bool(recompute))
         start = time.time()
-        cache = knnlm.score_split(model, tokens, datastore, K, results["min_context"], backend=backend, desc=name)
+        cache = knnlm.score_split(model, tokens, datastore, K, results["min_context"], desc=name)
         ppl = knnlm.perplexity(knnlm.knnlm_log_probs(cache, results["lambda"], results["temperature"]))
         rows[name] = {"test_ppl": ppl, "seconds": round(time.time() - start, 1),
                       "queries_per_second": round(len(cache["targets"]) / cache["search_seconds"], 1),
@@ -156,8 +166,8 @@ def end_to_end(model, vocab, data_dir, datastore, results_path):
         print(name, rows[name], flush=True)
         del cache
     results["backends"] = {**rows, "setting": f"k={K}, λ={results['lambda']}, T={results['temperature']}, test split, "
-                                              "command: python bench/index.py"}
-    knnlm.write_json(results, results_path)
+                                              "command: python -m bench.index"}
+    machinery.write_json(results, results_path)
     return rows
 
 
@@ -206,7 +216,7 @@ def main():
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__}, "
-               f"faiss {knnlm.faiss.__version__}")
+               f"faiss {faiss.__version__}")
     records = []
     os.makedirs(args.work, exist_ok=True)
     for n in args.sizes:
@@ -214,17 +224,17 @@ def main():
         make_synthetic(store, n, args.dim)
         records.append(bench_store("synthetic", store, torch.load(os.path.join(store, "queries.pt")), args.nprobe,
                                    args.work))
-    model, vocab, _ = knnlm.load_checkpoint(args.checkpoint)
-    data_dir = knnlm.resolve_corpus(args.data)
-    datastore = knnlm.Datastore(args.datastore)
+    model, vocab, _ = machinery.load_checkpoint(args.checkpoint)
+    data_dir = machinery.resolve_corpus(args.data)
+    datastore = machinery.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab)
-    queries = wikitext_queries(model, vocab.encode_file(knnlm.split_path(data_dir, "test")), datastore.meta["key_type"])
+    queries = wikitext_queries(model, vocab.encode_file(knnlm.split_path(data_dir, "test")), datastore.key_type)
     for factory in args.factories:  # each rebuilds the datastore's index
         records.append(bench_store("WikiText-103-small", args.datastore, queries, args.nprobe, args.work, factory))
-    rows = {} if args.no_end_to_end else end_to_end(model, vocab, data_dir, knnlm.Datastore(args.datastore),
+    rows = {} if args.no_end_to_end else end_to_end(model, vocab, data_dir, machinery.DiskDatastore(args.datastore),
                                                       args.results)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    knnlm.write_json({"machine": machine, "command": "python bench/index.py " + " ".join(sys.argv[1:]),
+    machinery.write_json({"machine": machine, "command": "python -m bench.index " + " ".join(sys.argv[1:]),
                       "records": records, "end_to_end": rows}, os.path.join(HERE, "results", f"{args.out}.json"))
     with open(os.path.join(HERE, "results", f"{args.out}.md"), "w") as f:
         f.write(markdown(records, rows, machine))

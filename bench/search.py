@@ -3,8 +3,8 @@ Exact top-k L2 search on kNN-LM shapes: queries per second of the C++ kernel
 (knnlm_ext, csrc/) vs faiss.IndexFlatL2 vs the pure-PyTorch reference, in one
 process, on the same threads, interleaved so that all methods see the same machine.
 
-    python bench/search.py --repeats 3     # the full grid, ~45 min on 2 cores
-    python bench/search.py --quick         # N = 100k only
+    python -m bench.search --repeats 3     # the full grid, ~45 min on 2 cores
+    python -m bench.search --quick         # N = 100k only
 
 Writes bench/results/search.json (one record per shape and method) and
 bench/results/search.md (the table the README shows).
@@ -18,8 +18,8 @@ import time
 import faiss
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import knnlm  # noqa: E402
+import knnlm
+import machinery
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--N", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -37,7 +37,7 @@ parser.add_argument("--name", default="search", help="results go to OUT/NAME.jso
 args = parser.parse_args()
 if args.quick:
     args.N = [100_000]
-if knnlm.knnlm_ext is None:
+if machinery.knnlm_ext is None:
     sys.exit("knnlm_ext is not built: pip install --no-build-isolation -e .")
 torch.set_num_threads(args.threads)
 faiss.omp_set_num_threads(args.threads)
@@ -89,10 +89,10 @@ for N in args.N:
                 queries = queries_all[:B].contiguous()
                 for k in args.k:
                     run = {
-                        "ext": lambda: knnlm.topk_l2(queries, keys, k, key_norms, backend="ext"),
-                        "ext-fp16": lambda: knnlm.topk_l2(queries, keys16, k, norms16, backend="ext"),
+                        "ext": lambda: machinery.topk_l2(queries, keys, k, key_norms, backend="ext"),
+                        "ext-fp16": lambda: machinery.topk_l2(queries, keys16, k, norms16, backend="ext"),
                         "faiss": lambda: index.search(queries.numpy(), k),
-                        "torch": lambda: knnlm.topk_l2(queries, keys, k, key_norms, backend="torch"),
+                        "torch": lambda: machinery.topk_l2(queries, keys, k, key_norms, backend="torch"),
                     }
                     best = {m: float("inf") for m in args.methods}
                     for _ in range(args.repeats):
@@ -108,7 +108,7 @@ for N in args.N:
                     line = " | ".join(f"{m} {B / best[m]:8.0f} q/s" for m in args.methods)
                     print(f"N={N:>9,} d={d:>4} B={B:>4} k={k:>4} {kind:>9}: {line} | ext/faiss ids agree {agree:.4f}",
                           flush=True)
-            del keys, keys16, index
+            keys = keys16 = index = None  # freed before the next shape's data (the timing lambdas read these names)
             peak = max(peak, gemm_peak())  # the machine's speed drifts: the best rate seen in the run counts
 for r in records:
     r["gemm_fraction"] = round(2 * r["B"] * r["N"] * r["d"] / 1e9 / r["seconds"] / peak, 3)
@@ -131,12 +131,13 @@ def table(records):
     return "\n".join(rows)
 
 
+command = " ".join(["python -m bench.search"] + sys.argv[1:])
 machine = (f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
            f"faiss {faiss.__version__}, float32 GEMM peak {peak:.0f} GFLOP/s")
 os.makedirs(args.out, exist_ok=True)
-knnlm.write_json({"machine": machine, "gemm_peak_gflops": round(peak, 1), "command": "python " + " ".join(sys.argv),
-                  "records": records}, os.path.join(args.out, args.name + ".json"))
+machinery.write_json({"machine": machine, "gemm_peak_gflops": round(peak, 1), "command": command,
+                      "records": records}, os.path.join(args.out, args.name + ".json"))
 with open(os.path.join(args.out, args.name + ".md"), "w") as f:
-    f.write(f"`{'python ' + ' '.join(sys.argv)}` on {machine}. Best of {args.repeats} interleaved runs.\n\n")
+    f.write(f"`{command}` on {machine}. Best of {args.repeats} interleaved runs.\n\n")
     f.write(table(records) + "\n")
 print(table(records))

@@ -4,11 +4,10 @@ inner products per GEMM): each candidate's speed over faiss.IndexFlatL2, timed i
 (FAISS, then the kernel) so that the machine's drift hits both alike; the median ratio
 of the rounds counts. This is how the kernel's defaults were chosen.
 
-    python bench/search_blocks.py                       # N = 200k, d 256/512/1024, B 64/1024, k = 1024
-    python bench/search_blocks.py --d 1024 --B 1024 --blocks 512x512 2048x1024
+    python -m bench.search_blocks                       # N = 200k, d 256/512/1024, B 64/1024, k = 1024
+    python -m bench.search_blocks --d 1024 --B 1024 --blocks 512x512 2048x1024
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -16,8 +15,8 @@ import time
 import faiss
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import knnlm  # noqa: E402
+import knnlm
+import machinery
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--N", type=int, default=200_000)
@@ -29,7 +28,7 @@ parser.add_argument("--blocks", nargs="+", default=["512x512", "2048x1024", "768
 parser.add_argument("--rounds", type=int, default=6)
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 args = parser.parse_args()
-if knnlm.knnlm_ext is None:
+if machinery.knnlm_ext is None:
     sys.exit("knnlm_ext is not built: pip install --no-build-isolation -e .")
 torch.set_num_threads(args.threads)
 faiss.omp_set_num_threads(args.threads)
@@ -56,8 +55,8 @@ for d in args.d:
         for _ in range(args.rounds):
             for key_chunk, query_block in blocks:
                 faiss_time = timed(lambda: index.search(queries.numpy(), args.k))
-                ext_time = timed(lambda: knnlm.knnlm_ext.topk_l2(queries, keys, args.k, key_norms,
-                                                                 key_chunk, query_block))
+                ext_time = timed(lambda: torch.ops.knnlm.topk_l2(queries, keys, args.k, key_norms,
+                                                                     key_chunk, query_block))
                 ratios[key_chunk, query_block].append(faiss_time / ext_time)
         for (key_chunk, query_block), r in ratios.items():
             print(f"d={d:>4} B={B:>4} keys x queries {key_chunk:>5} x {query_block:<5}: "

@@ -1,8 +1,12 @@
-// Batched exact top-k search by squared L2 distance: the CPU kernel, and the
-// binding of it and of the CUDA kernel (topk_l2_cuda.cu) to Python. At the end,
-// rerank_l2: exact distances to given ids, sorted, for re-ranking FAISS's neighbours.
+// The ops knnlm::topk_l2 and knnlm::rerank_l2 (torch.ops.knnlm.*), and the CPU kernel of
+// topk_l2: batched exact top-k search by squared L2 distance,
+//     topk_l2(queries [B, d] f32, keys [N, d] f16/f32, k, key_norms [N] f32, key_chunk, query_block)
+//         -> (dists [B, k] f32 ascending, ids [B, k] i64), equal distances to the smaller id.
+// Torch picks the implementation by device: topk_l2_cpu here, topk_l2_cuda (the kernel of
+// topk_l2_cuda.cu) on the GPU, topk_l2_meta (shapes only) when torch.compile traces.
+// rerank_l2 lives in rerank_l2.cpp.
 //
-// It mirrors topk_l2_torch in knnlm.py step by step:
+// The CPU kernel mirrors topk_l2_torch in knnlm.py step by step:
 //     ||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2
 // 1. the inner products q.k of a block of queries with a chunk of keys by one
 //    GEMM (ATen, so MKL/OpenBLAS); float16 keys are converted to float32 a chunk
@@ -10,47 +14,33 @@
 //    share of the queries through all the keys;
 // 2. per query, selection of the k smallest ||k||^2 - 2 q.k: a buffer of up to
 //    2k candidates and a running threshold, the k-th best distance so far, so
-//    that most keys are rejected with one compare (FAISS keeps a size-k heap
-//    instead; a buffer cut back by a quickselect is cheaper per accepted key);
+//    that most keys are rejected with one compare; a full buffer is cut back to
+//    the k best by a quickselect (FAISS's ReservoirTopN, which it uses from
+//    k = distance_compute_min_k_reservoir on, is the same idea; below that
+//    FAISS keeps a size-k heap);
 // 3. ||q||^2 is the same for every key of a query: added after selection.
 // Equal distances go to the smaller id, so the order of the keys decides every tie.
-#include <torch/extension.h>
+#include <torch/extension.h>  // torch, and pybind11 for the module
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
-
-#include <unistd.h>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "candidate.h"
 #include "topk_l2_cuda.h"
 
 namespace {
-
-// A candidate is one 64-bit integer that sorts like the pair (dist, id): the float's
-// bits made to sort as unsigned integers, then the id. So ids must fit in 32 bits.
-inline uint64_t candidate(float dist, int64_t id) {
-  uint32_t bits;
-  dist += 0.0f;  // -0 -> +0: the two compare equal as floats, so they must here
-  std::memcpy(&bits, &dist, sizeof bits);
-  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (uint64_t(bits) << 32) | uint64_t(id);
-}
-
-inline float candidate_dist(uint64_t c) {
-  uint32_t bits = uint32_t(c >> 32);
-  bits = (bits & 0x80000000u) ? (bits & 0x7fffffffu) : ~bits;
-  float dist;
-  std::memcpy(&dist, &bits, sizeof dist);
-  return dist;
-}
-
-inline int64_t candidate_id(uint64_t c) { return int64_t(c & 0xffffffffu); }
 
 // dists[t] = key_norms[t] - 2 ips[t] for a block of W keys; returns a bit mask of
 // those below the threshold. With SSE (the x86-64 baseline) one branch tests W keys;
@@ -156,34 +146,14 @@ struct TopK {
   }
 };
 
-void check_inputs(const torch::Tensor& queries, const torch::Tensor& keys, int64_t k,
-                  const torch::Tensor& key_norms) {
-  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2, "queries and keys must be 2-D, got ", queries.sizes(),
-              " and ", keys.sizes());
-  TORCH_CHECK(queries.size(1) == keys.size(1), "queries [B, ", queries.size(1), "] and keys [N, ", keys.size(1),
-              "] differ in dimension");
-  TORCH_CHECK(k >= 1 && k <= keys.size(0), "k must be in [1, ", keys.size(0), "] (the number of keys), got ", k);
-  TORCH_CHECK(keys.size(0) <= (int64_t(1) << 32), "at most 2^32 keys, got ", keys.size(0));
-  TORCH_CHECK(queries.scalar_type() == torch::kFloat32, "queries must be float32, got ", queries.scalar_type());
-  TORCH_CHECK(keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kFloat16,
-              "keys must be float16 or float32, got ", keys.scalar_type());
-  TORCH_CHECK(key_norms.scalar_type() == torch::kFloat32 && key_norms.dim() == 1 &&
-                  key_norms.size(0) == keys.size(0),
-              "key_norms must be float32 [", keys.size(0), "], got ", key_norms.scalar_type(), " ",
-              key_norms.sizes());
-  TORCH_CHECK(queries.device() == keys.device() && keys.device() == key_norms.device(),
-              "queries, keys and key_norms must be on one device, got ", queries.device(), ", ", keys.device(),
-              ", ", key_norms.device());
-}
-
 // One thread's share of the queries [nq, d], through every chunk of the keys, a block of
 // query_block queries at a time; its own buffers, reused from chunk to chunk.
-void search(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& key_norms, int64_t k,
+void search(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& key_norms, int64_t k,
             int64_t key_chunk, int64_t query_block, float* dists, int64_t* ids) {
   const int64_t B = queries.size(0), N = keys.size(0), d = keys.size(1);
-  auto ips_buf = torch::empty({std::min(query_block, B), key_chunk}, queries.options());
-  const bool convert = keys.scalar_type() != torch::kFloat32 || !keys.is_contiguous();
-  auto chunk_buf = convert ? torch::empty({key_chunk, d}, queries.options()) : torch::Tensor();
+  auto ips_buf = at::empty({std::min(query_block, B), key_chunk}, queries.options());
+  const bool convert = keys.scalar_type() != at::kFloat || !keys.is_contiguous();
+  auto chunk_buf = convert ? at::empty({key_chunk, d}, queries.options()) : at::Tensor();
   auto query_norms = queries.pow(2).sum(1);
   for (int64_t q0 = 0; q0 < B; q0 += query_block) {
     const int64_t nq = std::min(query_block, B - q0);
@@ -204,22 +174,42 @@ void search(const torch::Tensor& queries, const torch::Tensor& keys, const torch
   }
 }
 
-std::tuple<torch::Tensor, torch::Tensor> topk_l2_cpu(torch::Tensor queries, torch::Tensor keys, int64_t k,
-                                                     torch::Tensor key_norms, int64_t key_chunk,
-                                                     int64_t query_block) {
+// The one check of topk_l2's inputs, for every device. Sizes as SymInts, so that the
+// Meta kernel can run it on the symbolic shapes of torch.compile.
+void check_topk_l2(const at::Tensor& queries, const at::Tensor& keys, int64_t k, const at::Tensor& key_norms) {
+  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2, "queries and keys must be 2-D, got ", queries.sym_sizes(),
+              " and ", keys.sym_sizes());
+  TORCH_CHECK(queries.sym_size(1) == keys.sym_size(1), "queries [B, ", queries.sym_size(1), "] and keys [N, ",
+              keys.sym_size(1), "] differ in dimension");
+  TORCH_CHECK(k >= 1 && keys.sym_size(0) >= k, "k must be in [1, ", keys.sym_size(0),
+              "] (the number of keys), got ", k);
+  TORCH_CHECK(keys.sym_size(0) <= (int64_t(1) << 32), "at most 2^32 keys, got ", keys.sym_size(0));
+  TORCH_CHECK(queries.scalar_type() == at::kFloat, "queries must be float32, got ", queries.scalar_type());
+  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kHalf,
+              "keys must be float16 or float32, got ", keys.scalar_type());
+  TORCH_CHECK(key_norms.scalar_type() == at::kFloat && key_norms.dim() == 1 &&
+                  key_norms.sym_size(0) == keys.sym_size(0),
+              "key_norms must be float32 [", keys.sym_size(0), "], got ", key_norms.scalar_type(), " ",
+              key_norms.sym_sizes());
+  TORCH_CHECK(queries.device() == keys.device() && keys.device() == key_norms.device(),
+              "queries, keys and key_norms must be on one device, got ", queries.device(), ", ", keys.device(),
+              ", ", key_norms.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_l2_cpu(at::Tensor queries, at::Tensor keys, int64_t k,
+                                               at::Tensor key_norms, int64_t key_chunk, int64_t query_block) {
+  check_topk_l2(queries, keys, k, key_norms);
   const int64_t B = queries.size(0), N = keys.size(0);
   queries = queries.contiguous();
   key_norms = key_norms.contiguous();
-  // Blocks: a [query_block, key_chunk] block of inner products (1 MB), read by the selection
-  // while it is still in cache. Many queries per block, so each thread packs each key for
-  // the GEMM few times. bench/search_blocks.py: 512 x 512 and the older 2048 x 1024 are within
-  // this machine's noise of each other at B = 1024 (paired medians 1.03-1.14x FAISS either way)
-  // and 512 x 512 was no slower at B = 64; the smaller block needs 4x less memory per thread.
+  // Blocks: a [query_block, key_chunk] block of inner products, read by the selection while
+  // it is still in cache. Many queries per block, so each thread packs each key for the GEMM
+  // few times. bench/search_blocks.py compares block sizes; it chose these defaults.
   if (query_block <= 0) query_block = 512;
   if (key_chunk <= 0) key_chunk = 512;
   key_chunk = std::min(key_chunk, N);
-  auto dists = torch::empty({B, k}, queries.options());
-  auto ids = torch::empty({B, k}, queries.options().dtype(torch::kInt64));
+  auto dists = at::empty({B, k}, queries.options());
+  auto ids = at::empty({B, k}, queries.options().dtype(at::kLong));
   // Parallel over queries: each thread runs its share through all the keys (GEMMs in a
   // parallel region are single-threaded), so threads never wait for each other.
   const int64_t threads = at::get_num_threads();
@@ -231,11 +221,10 @@ std::tuple<torch::Tensor, torch::Tensor> topk_l2_cpu(torch::Tensor queries, torc
 }
 
 #ifdef WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-std::tuple<torch::Tensor, torch::Tensor> topk_l2_cuda(torch::Tensor queries, torch::Tensor keys, int64_t k,
-                                                      torch::Tensor key_norms, int64_t key_chunk) {
+// query_block is the CPU kernel's blocking: the GPU one has none.
+std::tuple<at::Tensor, at::Tensor> topk_l2_cuda(at::Tensor queries, at::Tensor keys, int64_t k,
+                                                at::Tensor key_norms, int64_t key_chunk, int64_t query_block) {
+  check_topk_l2(queries, keys, k, key_norms);
   TORCH_CHECK(k <= TOPK_L2_CUDA_MAX_K, "the CUDA kernel supports k <= ", TOPK_L2_CUDA_MAX_K, ", got ", k);
   const c10::cuda::CUDAGuard guard(queries.device());
   const int64_t B = queries.size(0), N = keys.size(0), d = keys.size(1);
@@ -245,12 +234,12 @@ std::tuple<torch::Tensor, torch::Tensor> topk_l2_cuda(torch::Tensor queries, tor
   if (key_chunk <= 0) key_chunk = std::max<int64_t>(4096, (1 << 24) / std::max<int64_t>(B, 1));
   key_chunk = std::min(key_chunk, N);
   const int64_t width = topk_l2_cuda_width(k);
-  auto dists = torch::empty({B, k}, queries.options());
-  auto ids = torch::empty({B, k}, queries.options().dtype(torch::kInt64));
-  auto chunk_dists = torch::empty({B, key_chunk}, queries.options());  // scratch, from torch's allocator
-  auto best_dists = torch::empty({B, width}, queries.options());
-  auto best_ids = torch::empty({B, width}, ids.options());
-  const char* error = topk_l2_cuda_launch(queries.data_ptr<float>(), keys.data_ptr(), keys.scalar_type() == torch::kFloat16,
+  auto dists = at::empty({B, k}, queries.options());
+  auto ids = at::empty({B, k}, queries.options().dtype(at::kLong));
+  auto chunk_dists = at::empty({B, key_chunk}, queries.options());  // scratch, from torch's allocator
+  auto best_dists = at::empty({B, width}, queries.options());
+  auto best_ids = at::empty({B, width}, ids.options());
+  const char* error = topk_l2_cuda_launch(queries.data_ptr<float>(), keys.data_ptr(), keys.scalar_type() == at::kHalf,
                       key_norms.data_ptr<float>(), B, N, d, k, key_chunk, chunk_dists.data_ptr<float>(),
                       best_dists.data_ptr<float>(), best_ids.data_ptr<int64_t>(), dists.data_ptr<float>(),
                       ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
@@ -259,147 +248,33 @@ std::tuple<torch::Tensor, torch::Tensor> topk_l2_cuda(torch::Tensor queries, tor
 }
 #endif
 
-std::tuple<torch::Tensor, torch::Tensor> topk_l2(torch::Tensor queries, torch::Tensor keys, int64_t k,
-                                                 torch::Tensor key_norms, int64_t key_chunk, int64_t query_block) {
-  check_inputs(queries, keys, k, key_norms);
-  if (queries.device().is_cpu()) return topk_l2_cpu(queries, keys, k, key_norms, key_chunk, query_block);
-#ifdef WITH_CUDA
-  if (queries.device().is_cuda()) return topk_l2_cuda(queries, keys, k, key_norms, key_chunk);
-#endif
-  TORCH_CHECK(false, "knnlm_ext was built without support for device ", queries.device());
-}
-
-// Re-ranking: the exact squared L2 distances between each query and the keys of
-// its own ids (the neighbours an approximate index, FAISS IVF-PQ, retrieved),
-// sorted like the search: ascending, equal distances to the smaller id. Each key
-// row is read once from wherever it lies (a memmap) and compared on the fly;
-// parallel over queries. Id -1 (FAISS: no more neighbours) gets distance +inf.
-float row_l2(const float* row, const float* q, int64_t d) {
-  float sum = 0.0f;
-  for (int64_t j = 0; j < d; ++j) sum += (row[j] - q[j]) * (row[j] - q[j]);
-  return sum;
-}
-
-float row_l2(const at::Half* row, const float* q, int64_t d) {
-  float sum = 0.0f;
-  for (int64_t j = 0; j < d; ++j) sum += (static_cast<float>(row[j]) - q[j]) * (static_cast<float>(row[j]) - q[j]);
-  return sum;
-}
-
-#if defined(__GNUC__) && defined(__x86_64__)
-// The same with AVX2, FMA and F16C (float16 -> float32 in one instruction), used
-// when the CPU has them; compiled for them here only, so the module runs anywhere.
-#define KNNLM_AVX2 __attribute__((target("avx2,fma,f16c")))
-KNNLM_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-KNNLM_AVX2 inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-template <typename key_t>
-KNNLM_AVX2 float row_l2_avx2(const key_t* row, const float* q, int64_t d) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8) {
-    const __m256 diff = _mm256_sub_ps(load8(row + j), _mm256_loadu_ps(q + j));
-    acc = _mm256_fmadd_ps(diff, diff, acc);
-  }
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s) + row_l2(row + j, q + j, d - j);
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return yes;
-}
-#endif
-
-template <typename key_t>
-void rerank_rows(const torch::Tensor& q, const key_t* keys, int64_t stride, int64_t fd, int64_t offset,
-                 torch::Tensor& dists, torch::Tensor& ids) {
-  const int64_t k = ids.size(1), d = q.size(1);
-  constexpr uint32_t kMissing = 0xffffffffu;
-  constexpr int64_t kAhead = 8;
-  at::parallel_for(0, ids.size(0), 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> found(k);
-    std::vector<key_t> buffer(fd >= 0 ? d : 0);
-    bool read_failed = false;
-    for (int64_t b = begin; b < end; ++b) {
-      const float* qb = q.data_ptr<float>() + b * d;
-      int64_t* id = ids.data_ptr<int64_t>() + b * k;
-      float* dist = dists.data_ptr<float>() + b * k;
-      for (int64_t i = 0; i < k; ++i) {
-        if (id[i] < 0) {
-          found[i] = candidate(std::numeric_limits<float>::infinity(), kMissing);
-          continue;
-        }
-        const key_t* row = keys + id[i] * stride;
-        if (fd >= 0) {  // read the row from the file instead: no page of it gets mapped into this process
-          const ssize_t bytes = d * sizeof(key_t);
-          read_failed |= pread(int(fd), buffer.data(), bytes, offset + id[i] * stride * sizeof(key_t)) != bytes;
-          row = buffer.data();
-        } else if (i + kAhead < k && id[i + kAhead] >= 0) {  // random rows: fetch a few ahead while this one is compared
-          const char* next = reinterpret_cast<const char*>(keys + id[i + kAhead] * stride);
-          for (int64_t byte = 0; byte < d * int64_t(sizeof(key_t)); byte += 64) __builtin_prefetch(next + byte);
-        }
-#if defined(KNNLM_AVX2)
-        const float l2 = has_avx2() ? row_l2_avx2(row, qb, d) : row_l2(row, qb, d);
-#else
-        const float l2 = row_l2(row, qb, d);
-#endif
-        found[i] = candidate(l2, id[i]);
-      }
-      TORCH_CHECK(!read_failed, "rerank_l2: cannot read key rows from file descriptor ", fd);
-      std::sort(found.begin(), found.end());
-      for (int64_t i = 0; i < k; ++i) {
-        dist[i] = candidate_dist(found[i]);
-        id[i] = candidate_id(found[i]) == kMissing ? -1 : candidate_id(found[i]);
-      }
-    }
-  });
-}
-
-std::tuple<torch::Tensor, torch::Tensor> rerank_l2(const torch::Tensor& queries, const torch::Tensor& keys,
-                                                   const torch::Tensor& ids, int64_t fd, int64_t offset) {
-  TORCH_CHECK(queries.dim() == 2 && keys.dim() == 2 && ids.dim() == 2, "queries, keys and ids must be 2-D, got ",
-              queries.sizes(), ", ", keys.sizes(), " and ", ids.sizes());
-  TORCH_CHECK(queries.size(1) == keys.size(1), "queries [B, ", queries.size(1), "] and keys [N, ", keys.size(1),
-              "] differ in dimension");
-  TORCH_CHECK(ids.size(0) == queries.size(0), "ids [", ids.size(0), ", k] must have a row per query (",
-              queries.size(0), ")");
-  TORCH_CHECK(queries.scalar_type() == torch::kFloat32, "queries must be float32, got ", queries.scalar_type());
-  TORCH_CHECK(keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kFloat16,
-              "keys must be float16 or float32, got ", keys.scalar_type());
-  TORCH_CHECK(ids.scalar_type() == torch::kInt64, "ids must be int64, got ", ids.scalar_type());
-  TORCH_CHECK(queries.is_cpu() && keys.is_cpu() && ids.is_cpu(), "rerank_l2 runs on the CPU");
-  TORCH_CHECK(keys.size(0) < (int64_t(1) << 32) - 1, "fewer than 2^32 - 1 keys, got ", keys.size(0));
-  TORCH_CHECK(ids.numel() == 0 || (ids.min().item<int64_t>() >= -1 && ids.max().item<int64_t>() < keys.size(0)),
-              "ids must be in [0, ", keys.size(0), ") or -1 (missing)");
-  const auto q = queries.contiguous();
-  TORCH_CHECK(fd < 0 || keys.is_contiguous(), "rerank_l2 reads a file only for contiguous keys");
-  const auto rows = keys.stride(1) == 1 ? keys : keys.contiguous();
-  auto out_ids = ids.clone(at::MemoryFormat::Contiguous);
-  auto out_dists = torch::empty(ids.sizes(), q.options());
-  if (rows.scalar_type() == torch::kFloat32)
-    rerank_rows(q, rows.data_ptr<float>(), rows.stride(0), fd, offset, out_dists, out_ids);
-  else
-    rerank_rows(q, rows.data_ptr<at::Half>(), rows.stride(0), fd, offset, out_dists, out_ids);
-  return {out_dists, out_ids};
+// Shapes, dtypes and device of the results only: what torch.compile needs to trace a call.
+std::tuple<at::Tensor, at::Tensor> topk_l2_meta(at::Tensor queries, at::Tensor keys, int64_t k,
+                                                at::Tensor key_norms, int64_t key_chunk, int64_t query_block) {
+  check_topk_l2(queries, keys, k, key_norms);
+  const c10::SymInt B = queries.sym_size(0);
+  return {at::empty_symint({B, k}, queries.options()), at::empty_symint({B, k}, queries.options().dtype(at::kLong))};
 }
 
 }  // namespace
 
+TORCH_LIBRARY(knnlm, m) {
+  m.def("topk_l2(Tensor queries, Tensor keys, int k, Tensor key_norms, int key_chunk=0, int query_block=0) "
+        "-> (Tensor, Tensor)");
+  m.def("rerank_l2(Tensor queries, Tensor keys, Tensor ids, int fd=-1, int offset=0) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(knnlm, CPU, m) { m.impl("topk_l2", &topk_l2_cpu); }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(knnlm, CUDA, m) { m.impl("topk_l2", &topk_l2_cuda); }
+#endif
+
+TORCH_LIBRARY_IMPL(knnlm, Meta, m) { m.impl("topk_l2", &topk_l2_meta); }
+
+// Importing the module knnlm_ext loads this library, which registers the ops; the module
+// itself only says what was built.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Batched exact top-k squared-L2 search (CPU, and CUDA when built with it)";
-  m.def("topk_l2", &topk_l2, "(queries [B, d] f32, keys [N, d] f16/f32, k, key_norms [N] f32, key_chunk, "
-        "query_block) -> (dists [B, k] f32 ascending, ids [B, k] i64)",
-        py::arg("queries"), py::arg("keys"), py::arg("k"), py::arg("key_norms"), py::arg("key_chunk") = 0,
-        py::arg("query_block") = 0);
-  m.def("rerank_l2", &rerank_l2, "(queries [B, d] f32, keys [N, d] f16/f32, ids [B, k] i64) -> (the exact "
-        "||queries[b] - keys[id]||^2 [B, k] f32 ascending, ids [B, k] i64), ties by id; CPU",
-        py::arg("queries"), py::arg("keys"), py::arg("ids"), py::arg("fd") = -1, py::arg("offset") = 0);
   m.attr("CUDA_MAX_K") = TOPK_L2_CUDA_MAX_K;
 #ifdef WITH_CUDA
   m.attr("cuda") = true;

@@ -1,5 +1,6 @@
 // The CUDA kernel's entry point, in plain C++ so that topk_l2_cuda.cu compiles
-// with `nvcc -c` alone (no torch headers) and the binding needs no CUDA headers.
+// with `nvcc -c` alone (no torch headers), and topk_l2.cpp, which registers it as the CUDA
+// kernel of the op knnlm::topk_l2, calls it with plain pointers.
 #pragma once
 #include <cstdint>
 

@@ -3,6 +3,7 @@
 every analysis and every rerun re-mixes it instead of searching again), tuning, and
 writing each analysis's numbers (JSON) and plot (PNG) to experiments/results/."""
 import argparse
+import hashlib
 import os
 import platform
 import subprocess
@@ -10,50 +11,45 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
+
+import knnlm
+import machinery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import knnlm  # noqa: E402
-
 RESULTS = os.path.join(ROOT, "experiments", "results")
-LAMBDAS = [i / 20 for i in range(21)]                     # 0, 0.05, ..., 1
-TEMPERATURES = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256]
-KS = [2 ** i for i in range(11)]                          # 1, 2, 4, ..., 1024
+KS = [2 ** i for i in range(11)]                          # 1, 2, 4, ..., 1024 (λ and T: knnlm.LAMBDAS, TEMPERATURES)
 
 
 def parser(doc, split="valid"):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/wikitext-103-small",
-                   help="directory with wiki.{train,valid,test}.tokens (default: %(default)s)")
+    p = argparse.ArgumentParser(prog=program(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "device")])
+    machinery.backend_argument(p, choices=("auto", "torch", "ext"))  # the analyses search exactly
     p.add_argument("--split", default=split, choices=knnlm.SPLITS, help="split to analyse (default: %(default)s)")
-    p.add_argument("--checkpoint", default="runs/model.pt", help="model from train.py (default: %(default)s)")
-    p.add_argument("--datastore", default="runs/datastore",
-                   help="datastore from build_datastore.py (default: %(default)s)")
-    p.add_argument("--k", type=int, default=1024, help="neighbours kept per token (default: %(default)s)")
-    p.add_argument("--backend", default="auto", choices=knnlm.SEARCH_BACKENDS,
-                   help="exact search: torch, ext (the C++ kernel) or auto (default: %(default)s)")
     p.add_argument("--cache-dir", default="runs/cache",
                    help="where the cached passes are kept (default: %(default)s)")
     p.add_argument("--out", default=RESULTS, help="where the JSON and PNG go (default: experiments/results)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def load(args, datastore=None):
-    """-> (model, vocab, datastore, the corpus directory) from the common options, checked."""
-    with knnlm.user_errors():
-        model, vocab, _ = knnlm.load_checkpoint(args.checkpoint, knnlm.check_device(args.device))
-        datastore = knnlm.Datastore(datastore or args.datastore)
+    """-> (model, vocab, datastore, the corpus directory) from the common options, checked; the
+    datastore is searched exactly, by --backend."""
+    with machinery.user_errors():
+        model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
+        datastore = machinery.DiskDatastore(datastore or args.datastore)
         datastore.check_model(model, vocab, args.checkpoint)
         if args.k > len(datastore):
             raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
-        data_dir = knnlm.resolve_corpus(args.data)
+        datastore.use(exact_backend(args, datastore), args.device, args.k)
+        data_dir = machinery.resolve_corpus(args.data)
     return model, vocab, datastore, data_dir
 
 
 def exact_backend(args, datastore):
-    """The exact search backend (--backend) for this datastore: the kernel when built, else PyTorch."""
-    return knnlm.search_backend(args.backend, args.device, datastore.keys.device, args.k)
+    """The exact search backend (--backend) for this datastore: the kernel when built, else PyTorch.
+    (Not datastore.use(args.backend, ...) alone: its "auto" may pick the FAISS index of a large datastore.)"""
+    return machinery.search_backend(args.backend, args.device, datastore.keys.device, args.k)
 
 
 def build_datastore(args, data, out, key_type="ffn_in_ln"):
@@ -67,7 +63,7 @@ def build_datastore(args, data, out, key_type="ffn_in_ln"):
 def cached(args, prefix, key, compute):
     """compute() -> dict, done once: kept in args.cache_dir under a name made from everything it
     depends on (key, checked again when loaded), so later calls (any analysis, any rerun) load it."""
-    path = os.path.join(args.cache_dir, f"{prefix}-{knnlm.hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt")
+    path = os.path.join(args.cache_dir, f"{prefix}-{hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt")
     if os.path.isfile(path):
         found = torch.load(path)
         if found["key"] == key:
@@ -75,7 +71,7 @@ def cached(args, prefix, key, compute):
             return found
     result = {**compute(), "key": key}
     os.makedirs(args.cache_dir, exist_ok=True)
-    with knnlm.atomic_write(path) as tmp:
+    with machinery.atomic_write(path) as tmp:
         torch.save(result, tmp)
     return result
 
@@ -84,28 +80,29 @@ def cached_pass(args, model, vocab, datastore, data_dir, split=None):
     """score_split over a split (p_LM, the neighbours and the query keys of every token), cached."""
     split = split or args.split
     path = knnlm.split_path(data_dir, split)
-    with knnlm.user_errors():
-        knnlm.check_not_built_from(datastore, path)
-    key = {"model": knnlm.fingerprint(model, vocab), "text": knnlm.file_fingerprint(path), "k": args.k,
-           "datastore": {f: datastore.meta[f] for f in ("count", "key_type", "source", "model_fingerprint")}}
+    with machinery.user_errors():
+        machinery.check_not_built_from(datastore, path)
+    key = {"model": machinery.fingerprint(model, vocab), "text": machinery.file_fingerprint(path), "k": args.k,
+           "datastore": {f: getattr(datastore.meta, f) for f in ("count", "key_type", "source", "model_fingerprint")}}
 
     def compute():
-        return knnlm.score_split(model, vocab.encode_file(path), datastore, args.k, key_type=datastore.meta["key_type"],
-                                 backend=exact_backend(args, datastore), desc=f"{split} (one pass, then cached)", keep_queries=True)
+        return knnlm.score_split(model, vocab.encode_file(path), datastore, args.k,
+                                 desc=f"{split} (one pass, then cached)", keep_queries=True)
     return cached(args, split, key, compute)
 
 
-def search_all(datastore, queries, k, backend="auto", batch=2048, desc="search"):
+def search_all(datastore, queries, k, batch=2048, desc="search"):
     """The k nearest neighbours of all cached queries [n, d] in another datastore (or a part of one),
-    in batches: -> (dists [n, k], neighbour_vals [n, k], like a score_split cache, and the seconds taken)."""
+    searched as its use() decided, in batches: -> (dists [n, k], neighbour_vals [n, k], like a
+    score_split cache, and the seconds taken)."""
     out, t = [], time.time()
-    for s in knnlm.tqdm(range(0, len(queries), batch), desc=desc, unit="batch"):
-        out.append(knnlm.neighbours(datastore, queries[s:s + batch].float(), k, backend))
+    for s in tqdm(range(0, len(queries), batch), desc=desc, unit="batch"):
+        out.append(knnlm.neighbours(datastore, queries[s:s + batch].float(), k))
     dists, vals = map(torch.cat, zip(*out))
     return dists, vals, time.time() - t
 
 
-def best(cache, lambdas=LAMBDAS, temperatures=TEMPERATURES, k=None):
+def best(cache, lambdas=knnlm.LAMBDAS, temperatures=knnlm.TEMPERATURES, k=None):
     """The lowest perplexity over a (λ, T) grid: -> {"ppl", "lambda", "temperature"}."""
     lmbda, T, ppl, _ = knnlm.tune(cache, lambdas, temperatures, k)
     return {"ppl": ppl, "lambda": lmbda, "temperature": T}
@@ -113,7 +110,18 @@ def best(cache, lambdas=LAMBDAS, temperatures=TEMPERATURES, k=None):
 
 def lambda_curve(cache, T=1.0, k=None):
     """Perplexity at every λ of the grid, at temperature T: {λ: ppl}."""
-    return {lmbda: ppl for ppl, lmbda, _ in knnlm.tune(cache, LAMBDAS, [T], k)[3]}
+    return {lmbda: ppl for ppl, lmbda, _ in knnlm.tune(cache, knnlm.LAMBDAS, [T], k)[3]}
+
+
+def program():
+    """How this analysis is run: python -m experiments.NAME."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+
+
+def command():
+    """The command line that ran this analysis: python -m experiments.NAME ARGS."""
+    return " ".join([program()] + sys.argv[1:])
 
 
 def machine():
@@ -127,7 +135,7 @@ def corpus_name(args):
 def save(args, name, numbers, fig):
     """Write experiments/results/<name>.json (with the command that made it) and <name>.png."""
     os.makedirs(args.out, exist_ok=True)
-    numbers = {**numbers, "command": "python " + " ".join(sys.argv), "machine": machine()}
-    knnlm.write_json(numbers, os.path.join(args.out, f"{name}.json"))  # inf (λ = 1: a token without neighbour) -> null
+    numbers = {**numbers, "command": command(), "machine": machine()}
+    machinery.write_json(numbers, os.path.join(args.out, f"{name}.json"))  # inf (λ = 1: a token without neighbour) -> null
     fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120, bbox_inches="tight")
     print(f"wrote {os.path.join(args.out, name)}.json and .png")

@@ -6,7 +6,7 @@ as the datastore grows through fractions of the training split (its first 1/32, 
 The query keys and p_LM come from the cached pass of experiments/sweeps.py (computed
 here if missing); each smaller datastore is searched exactly with the same queries.
 
-    python experiments/datastore_size.py --data ../shared/data/wikitext-103-small
+    python -m experiments.datastore_size --data ../shared/data/wikitext-103-small
 
 -> experiments/results/datastore_size.{json,png}
 """
@@ -14,8 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import common  # noqa: E402
-from common import knnlm  # noqa: E402
+import knnlm  # noqa: E402
+from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
 p.add_argument("--fractions", type=float, nargs="+", default=[1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1],
@@ -25,7 +25,6 @@ if not all(0 < f <= 1 for f in args.fractions):
     p.error(f"--fractions must be in (0, 1], got {args.fractions}")
 model, vocab, datastore, data_dir = common.load(args)
 cache = common.cached_pass(args, model, vocab, datastore, data_dir)
-backend = common.exact_backend(args, datastore)
 lm_ppl = knnlm.perplexity(cache["log_p_lm"])
 
 sizes = []
@@ -37,7 +36,7 @@ for fraction in sorted(args.fractions):
     part = cache
     if n < len(datastore):
         def search():
-            dists, vals, seconds = common.search_all(datastore.head(n), cache["queries"], args.k, backend,
+            dists, vals, seconds = common.search_all(datastore.head(n), cache["queries"], args.k,
                                                      desc=f"{n:,} keys")
             return {"dists": dists, "neighbour_vals": vals, "search_seconds": seconds}
         part = {**cache, **common.cached(args, f"{args.split}-first{n}", {**cache["key"], "first_rows": n}, search)}

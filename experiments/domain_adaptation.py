@@ -10,7 +10,7 @@ The other domain, by default, is the fortune cookies of Debian's `fortunes` pack
 Any raw text (--raw, --separator) or any directory already in the WikiText format
 (--target-data) works too. Words outside the model's vocabulary become <unk>.
 
-    python experiments/domain_adaptation.py --data ../shared/data/wikitext-103-small
+    python -m experiments.domain_adaptation --data ../shared/data/wikitext-103-small
 
 -> experiments/results/domain_adaptation.{json,png}
 """
@@ -23,9 +23,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import common  # noqa: E402
-import to_wikitext  # noqa: E402
-from common import knnlm  # noqa: E402
+import knnlm  # noqa: E402
+import machinery  # noqa: E402
+from experiments import common, to_wikitext  # noqa: E402
 
 p = common.parser(__doc__)
 p.add_argument("--target-data", default="data/fortunes",
@@ -54,7 +54,7 @@ def fetch_fortunes(dest):
     return files
 
 
-with knnlm.user_errors():
+with machinery.user_errors():
     if not all(os.path.isfile(knnlm.split_path(args.target_data, s)) for s in knnlm.SPLITS):
         raw = args.raw or [fetch_fortunes("runs/raw/fortunes")]
         counts = to_wikitext.convert(raw, args.target_data, args.separator)
@@ -73,7 +73,7 @@ def tuned_curves(label, valid):
 
 for name, path in {"WikiText train": args.datastore, f"{target_name} train": args.target_datastore}.items():
     model, vocab, datastore, _ = common.load(args, path)
-    target = knnlm.resolve_corpus(args.target_data)
+    target = machinery.resolve_corpus(args.target_data)
     valid = common.cached_pass(args, model, vocab, datastore, target, "valid")
     test = common.cached_pass(args, model, vocab, datastore, target, "test")
     _, tuned, tuned_T = tuned_curves(f"{target_name} valid, {name} datastore", valid)

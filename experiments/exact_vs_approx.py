@@ -8,7 +8,7 @@ The query keys and the exact neighbours come from the cached pass of
 experiments/sweeps.py (computed here if missing). Needs the datastore's index:
 python build_datastore.py --index.
 
-    python experiments/exact_vs_approx.py --data ../shared/data/wikitext-103-small
+    python -m experiments.exact_vs_approx --data ../shared/data/wikitext-103-small
 
 -> experiments/results/exact_vs_approx.{json,png}
 """
@@ -16,8 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import common  # noqa: E402
-from common import knnlm  # noqa: E402
+import knnlm  # noqa: E402
+import machinery  # noqa: E402
+from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
 p.add_argument("--nprobes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128],
@@ -26,7 +27,7 @@ p.add_argument("--exact-sample", type=int, default=8192,
                help="queries timed with exact search (its perplexity is the cached pass's) (default: %(default)s)")
 args = p.parse_args()
 model, vocab, datastore, data_dir = common.load(args)
-with knnlm.user_errors():  # before the (long) pass: is there an index, and is it this datastore's?
+with machinery.user_errors():  # before the (long) pass: is there an index, and is it this datastore's?
     datastore.load_index()
 cache = common.cached_pass(args, model, vocab, datastore, data_dir)
 lm_ppl = knnlm.perplexity(cache["log_p_lm"])
@@ -41,14 +42,14 @@ def ppl(part):
 
 # exact search's speed, timed here beside FAISS's (the cached pass may have run on a busier machine)
 sample = cache["queries"][:args.exact_sample]
-seconds = common.search_all(datastore, sample, args.k, common.exact_backend(args, datastore), desc="exact (speed)")[2]
+seconds = common.search_all(datastore, sample, args.k, desc="exact (speed)")[2]  # as common.load set it: exact
 numbers = {"split": args.split, "k": args.k, "lambda": lmbda, "temperature": T, "lm_ppl": lm_ppl,
            "exact": {"ppl": ppl(cache), "queries_per_second": len(sample) / seconds}, "faiss": []}
 for recompute in (False, True):
     for nprobe in args.nprobes:
-        with knnlm.user_errors():
-            datastore.load_index(nprobe, recompute)
-        dists, vals, seconds = common.search_all(datastore, cache["queries"], args.k, "faiss",
+        with machinery.user_errors():
+            datastore.use("faiss", args.device, args.k, nprobe=nprobe, recompute=recompute)
+        dists, vals, seconds = common.search_all(datastore, cache["queries"], args.k,
                                                  desc=f"nprobe {nprobe}{', recompute' if recompute else ''}")
         numbers["faiss"].append({"nprobe": nprobe, "recompute": recompute, "queries_per_second": n / seconds,
                                  "ppl": ppl({**cache, "dists": dists, "neighbour_vals": vals})})

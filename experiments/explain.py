@@ -7,21 +7,21 @@ datastore was built from (row r: key f(train[:r + 1]), value train[r + 1]), thei
 targets and their weights in p_kNN. The plot shows the two probabilities for every
 token, and the gain of kNN-LM over the LM by how often the target occurs in the datastore.
 
-    python experiments/explain.py --data ../shared/data/wikitext-103-small
-    python experiments/explain.py --data ../shared/data/wikitext-103-small --position 1234
+    python -m experiments.explain --data ../shared/data/wikitext-103-small
+    python -m experiments.explain --data ../shared/data/wikitext-103-small --position 1234
 
 -> experiments/results/explain.{md,json,png}
 """
 import os
-import sys
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
-from common import knnlm  # noqa: E402
+import knnlm  # noqa: E402
+import machinery  # noqa: E402
+from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
 p.add_argument("--lambda", dest="lmbda", type=float, default=None, help="λ of the mix (default: tuned on valid)")
@@ -45,9 +45,9 @@ if args.lmbda is None or args.temperature is None:  # the setting tuned on valid
     args.lmbda = tuned["lambda"] if args.lmbda is None else args.lmbda
     args.temperature = tuned["temperature"] if args.temperature is None else args.temperature
 tokens = vocab.encode_file(knnlm.split_path(data_dir, args.split))  # cache row j is the target tokens[j + 1]
-source = datastore.meta["source"]
-with knnlm.user_errors():
-    if knnlm.file_fingerprint(source["file"]) != source["sha256"]:
+source = datastore.meta.source
+with machinery.user_errors():
+    if machinery.file_fingerprint(source["file"]) != source["sha256"]:
         raise knnlm.KnnlmError(f"{source['file']} changed since the datastore was built from it")
     if args.position and not all(0 <= i < len(cache["targets"]) for i in args.position):
         raise knnlm.KnnlmError(f"--position must be in [0, {len(cache['targets'])}) for {args.split}")
@@ -67,7 +67,7 @@ def text(ids):
 def explain(j):
     """The record of split position j: its context and probabilities, and its nearest neighbours."""
     target = cache["targets"][j].item()
-    dists, ids = datastore.search(cache["queries"][j:j + 1].float(), args.k, common.exact_backend(args, datastore))
+    dists, ids = datastore.search(cache["queries"][j:j + 1].float(), args.k)  # exact, as common.load set it
     weights = torch.softmax(-dists[0] / args.temperature, dim=0)
     shown = []
     for d, row, w in zip(dists[0].tolist(), ids[0].tolist(), weights.tolist()):
@@ -85,7 +85,7 @@ def explain(j):
 records = [explain(j) for j in (args.position or top)]
 lines = [f"# Explanations: {common.corpus_name(args)} {args.split}, {len(datastore):,}-key datastore, "
          f"k = {args.k}, λ = {args.lmbda}, T = {args.temperature}", "",
-         f"`{' '.join(['python'] + sys.argv)}`", ""]
+         f"`{common.command()}`", ""]
 for r in records:
     lines += [f"## position {r['position']}: target **{r['target']}**", "",
               f"context: … {r['context']} → **{r['target']}**", "",

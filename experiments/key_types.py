@@ -4,7 +4,7 @@ the best kNN key. One datastore per key type (built with build_datastore.py --ke
 when missing, in <datastore>-<key type>), each searched exactly for every validation
 token; λ (and T) tuned on the same split, as in the paper's table of validation results.
 
-    python experiments/key_types.py --data ../shared/data/wikitext-103-small
+    python -m experiments.key_types --data ../shared/data/wikitext-103-small
 
 -> experiments/results/key_types.{json,png}
 """
@@ -14,8 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import common  # noqa: E402
-from common import knnlm  # noqa: E402
+import knnlm  # noqa: E402
+from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
 p.add_argument("--key-types", nargs="+", default=["ffn_in_ln", "ffn_in", "block_out", "attn_out", "block_in"],
@@ -27,8 +27,8 @@ for key_type in args.key_types:
     path = args.datastore if key_type == "ffn_in_ln" else f"{args.datastore}-{key_type}"
     common.build_datastore(args, args.data, path, key_type)
     model, vocab, datastore, data_dir = common.load(args, path)
-    if datastore.meta["key_type"] != key_type:
-        sys.exit(f"error: {path} holds {datastore.meta['key_type']} keys, not {key_type}")
+    if datastore.meta.key_type != key_type:
+        sys.exit(f"error: {path} holds {datastore.meta.key_type} keys, not {key_type}")
     cache = common.cached_pass(args, model, vocab, datastore, data_dir)
     rows.append({"key_type": key_type, "description": knnlm.KEY_TYPES[key_type], "datastore": path,
                  "lm_ppl": knnlm.perplexity(cache["log_p_lm"]),

@@ -3,7 +3,7 @@
 work found matters), all from one cached pass over the validation split: p_LM and the
 1024 nearest neighbours of every token are computed once, then re-mixed per setting.
 
-    python experiments/sweeps.py --data ../shared/data/wikitext-103-small
+    python -m experiments.sweeps --data ../shared/data/wikitext-103-small
 
 -> experiments/results/sweeps.{json,png}
 """
@@ -12,8 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import common  # noqa: E402
-from common import KS, TEMPERATURES, knnlm  # noqa: E402
+import knnlm  # noqa: E402
+from experiments import common  # noqa: E402
+from experiments.common import KS  # noqa: E402
 
 args = common.parser(__doc__).parse_args()
 model, vocab, datastore, data_dir = common.load(args)
@@ -33,7 +34,7 @@ numbers = {
     # Fig. 4: k from 1 to 1024, λ tuned for each k
     "k": {f"T={T}": {k: common.best(cache, temperatures=[T], k=k) for k in ks} for T in (1, T_best)},
     # temperature, λ tuned for each T, at k = 1024
-    "temperature": {T: common.best(cache, temperatures=[T]) for T in TEMPERATURES},
+    "temperature": {T: common.best(cache, temperatures=[T]) for T in knnlm.TEMPERATURES},
     # why T matters: how far the neighbours are, and how much of p_kNN the nearest few carry
     "median_distance": {rank: cache["dists"][:, rank - 1].median().item() for rank in ks},
     "mass_of_nearest": {f"T={T}": {n: torch.softmax(-cache["dists"] / T, 1)[:, :n].sum(1).mean().item()

@@ -2,7 +2,7 @@
 Turn raw text files into a corpus in the WikiText format, for a datastore from another
 domain (experiments/domain_adaptation.py, build_datastore.py --data):
 
-    python experiments/to_wikitext.py FILE_OR_DIR ... --out data/mycorpus [--separator %]
+    python -m experiments.to_wikitext FILE_OR_DIR ... --out data/mycorpus [--separator %]
 
 Documents are the files, or the parts of a file between lines equal to --separator
 (e.g. "%" in fortune files). Paragraphs are separated by blank lines. Each paragraph is
@@ -16,12 +16,12 @@ import argparse
 import os
 import random
 import re
-import sys
 
 from sacremoses import MosesTokenizer
+from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import knnlm  # noqa: E402
+import knnlm
+import machinery
 
 NUMBER_SEPARATOR = re.compile(r"(?<=\d)([,.])(?=\d)")
 
@@ -68,8 +68,8 @@ def convert(paths, out_dir, separator=None, valid=0.05, test=0.05, seed=0, lang=
     tokenizer = MosesTokenizer(lang=lang)
     os.makedirs(out_dir, exist_ok=True)
     for split, split_docs in splits.items():
-        with knnlm.atomic_write(knnlm.split_path(out_dir, split)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for doc in knnlm.tqdm(split_docs, desc=f"{split} (tokenising)", unit="doc"):
+        with machinery.atomic_write(knnlm.split_path(out_dir, split)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for doc in tqdm(split_docs, desc=f"{split} (tokenising)", unit="doc"):
                 f.write(" \n")  # WikiText: a blank line before each article
                 f.writelines(wikitext_line(p, tokenizer) for p in doc)
     return {split: len(split_docs) for split, split_docs in splits.items()}
@@ -87,6 +87,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not (0 < args.valid < 1 and 0 < args.test < 1 and args.valid + args.test < 1):
         parser.error("--valid and --test must be fractions in (0, 1) with room left for train")
-    with knnlm.user_errors():
+    with machinery.user_errors():
         counts = convert(args.paths, args.out, args.separator, args.valid, args.test, args.seed, args.lang)
     print(f"wrote {args.out}: " + ", ".join(f"{split} {n:,} documents" for split, n in counts.items()))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import knnlm
+import machinery
 from helpers import WORDS, tiny_model
 
 
@@ -13,6 +14,6 @@ def built(tmp_path):
     vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK] + WORDS[:18])
     tokens = torch.from_numpy(np.random.default_rng(0).integers(0, len(vocab), size=300))
     model = tiny_model(len(vocab))
-    meta = knnlm.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4,
-                                 progress=False)
-    return model, vocab, tokens, knnlm.Datastore(str(tmp_path / "ds")), meta
+    meta = machinery.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4,
+                                     progress=False)
+    return model, vocab, tokens, machinery.DiskDatastore(str(tmp_path / "ds")), meta

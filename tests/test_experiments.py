@@ -3,6 +3,7 @@ explanations find the text behind a datastore row, the raw-text converter writes
 and every analysis runs from its command on a tiny corpus."""
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -10,10 +11,20 @@ import pytest
 import torch
 
 import knnlm
+import machinery
+from experiments import to_wikitext
 from helpers import ROOT, WORDS, run, write_corpus
 
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import to_wikitext  # noqa: E402
+
+def run_module(module, *args, cwd, check=True):
+    """Run `python -m module` in a subprocess as a user does from the repository root, here from cwd
+    (the repository on PYTHONPATH); -> CompletedProcess (asserting success if check)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
 
 
 # ---------------------------------------------------------------- one cached pass, re-mixed
@@ -37,9 +48,9 @@ def test_remixing_the_cache_equals_a_fresh_evaluation(built):
 def test_the_first_rows_of_a_datastore_are_the_datastore_of_the_first_tokens(built, tmp_path):
     model, vocab, tokens, datastore, _ = built  # conftest.py
     n = 123
-    knnlm.build_datastore(model, vocab, tokens[:n + 1], str(tmp_path / "head"), min_context=6, batch_size=4,
-                          progress=False)
-    head, prefix = datastore.head(n), knnlm.Datastore(str(tmp_path / "head"))
+    machinery.build_datastore(model, vocab, tokens[:n + 1], str(tmp_path / "head"), min_context=6, batch_size=4,
+                              progress=False)
+    head, prefix = datastore.head(n), machinery.DiskDatastore(str(tmp_path / "head"))
     assert torch.equal(head.keys, prefix.keys) and torch.equal(head.vals, prefix.vals) and len(head) == n
     queries = torch.randn(5, 16)
     assert all(torch.equal(a, b) for a, b in zip(head.search(queries, 10), prefix.search(queries, 10)))
@@ -92,7 +103,7 @@ def test_raw_text_is_converted_into_the_wikitext_format(tmp_path):
     assert lines == sorted([" \n"] * 3 + [" The well @-@ known cat sat on 1 @,@ 000 @.@ 5 mats . It didn 't mind ! \n",
                                           " A second paragraph ( short ) . \n", " Another document : e @-@ mail me . \n",
                                           " A third one -- the last . \n"])
-    knnlm.check_corpus(str(tmp_path / "out"))  # the pipeline reads it as it reads WikiText
+    machinery.check_corpus(str(tmp_path / "out"))  # the pipeline reads it as it reads WikiText
     with pytest.raises(knnlm.KnnlmError, match="at least 3"):
         to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out2"))  # one file, no separator: 1 document
 
@@ -120,11 +131,12 @@ def all_lists_reranked_is_exact_search(tmp, best, k=32):
     to rounding: FAISS's float32 distances and ours may order two keys at nearly the k-th distance either
     way (this happens on some CPUs). So: the neighbour sets agree except for keys within float error of
     the k-th distance, the sorted distances agree, and where the sets agree p_kNN and perplexity do too."""
-    datastore = knnlm.Datastore(str(tmp / "runs" / "datastore"))
+    datastore = machinery.DiskDatastore(str(tmp / "runs" / "datastore"))
     cache = next(c for c in map(torch.load, (tmp / "runs" / "cache").glob("valid-*.pt")) if "queries" in c)
-    exact_dists, exact_ids = datastore.search(cache["queries"], k, "torch")
-    datastore.load_index(nprobe=4, recompute=True)
-    dists, ids = datastore.search(cache["queries"], k, "faiss")
+    datastore.use("torch", "cpu", k)
+    exact_dists, exact_ids = datastore.search(cache["queries"], k)
+    datastore.use("faiss", "cpu", k, nprobe=4, recompute=True)
+    dists, ids = datastore.search(cache["queries"], k)
     tol = 1e-5 * exact_dists[:, -1:] + 1e-4                               # float32 error of a squared distance
     torch.testing.assert_close(dists, exact_dists, rtol=0, atol=tol.max().item())
     same = torch.ones(len(ids), dtype=torch.bool)
@@ -145,23 +157,23 @@ def all_lists_reranked_is_exact_search(tmp, best, k=32):
 def test_every_analysis_runs_from_its_command(trained):
     tmp, data = trained
     common = ("--data", data, "--k", "32", "--out", "out")
-    run("experiments/sweeps.py", *common, cwd=tmp)
+    run_module("experiments.sweeps", *common, cwd=tmp)
     sweeps = results(tmp, "sweeps")
     assert sweeps["lambda"]["T=1"]["0.0"] == pytest.approx(sweeps["lm_ppl"])  # λ = 0 is the LM alone
     assert sweeps["best"]["ppl"] <= sweeps["lm_ppl"] and list(sweeps["k"]["T=1"]) == ["1", "2", "4", "8", "16", "32"]
 
-    out = run("experiments/datastore_size.py", *common, "--fractions", "0.25", "1", cwd=tmp).stdout
+    out = run_module("experiments.datastore_size", *common, "--fractions", "0.25", "1", cwd=tmp).stdout
     assert "valid: cached in" in out  # the sweeps' pass, not a new one
     size = results(tmp, "datastore_size")
     assert [s["fraction"] for s in size["sizes"]] == [0.25, 1]
     assert size["sizes"][-1]["tuned"] == sweeps["best"]  # the whole datastore is the sweeps' cache
 
-    run("experiments/exact_vs_approx.py", *common, "--nprobes", "1", "4", cwd=tmp)
+    run_module("experiments.exact_vs_approx", *common, "--nprobes", "1", "4", cwd=tmp)
     approx = results(tmp, "exact_vs_approx")
     assert [(r["nprobe"], r["recompute"]) for r in approx["faiss"]] == [(1, False), (4, False), (1, True), (4, True)]
     all_lists_reranked_is_exact_search(tmp, sweeps["best"])  # what the nprobe 4 row's perplexity rests on
 
-    run("experiments/key_types.py", *common, "--key-types", "ffn_in_ln", "attn_out", cwd=tmp)
+    run_module("experiments.key_types", *common, "--key-types", "ffn_in_ln", "attn_out", cwd=tmp)
     keys = results(tmp, "key_types")
     assert [r["key_type"] for r in keys["key_types"]] == ["ffn_in_ln", "attn_out"]
     assert keys["key_types"][0]["tuned"] == sweeps["best"]
@@ -171,12 +183,12 @@ def test_every_analysis_runs_from_its_command(trained):
     rng = np.random.default_rng(2)
     (tmp / "raw" / "other.txt").write_text("\n%\n".join(" ".join(rng.choice(WORDS[::-1] + ["zebra"], 12)) + "."
                                                           for _ in range(120)))
-    run("experiments/domain_adaptation.py", *common, "--raw", "raw", "--target-data", "other", cwd=tmp)
+    run_module("experiments.domain_adaptation", *common, "--raw", "raw", "--target-data", "other", cwd=tmp)
     domain = results(tmp, "domain_adaptation")
     ours = domain["datastores"]["other train"]
     assert ours["test_knnlm_ppl"] <= ours["test_lm_ppl"] * 1.05 and ours["unk_rate_test"] > 0  # "zebra" is unknown
 
-    out = run("experiments/explain.py", *common, "--top", "2", "--neighbours", "3", cwd=tmp).stdout
+    out = run_module("experiments.explain", *common, "--top", "2", "--neighbours", "3", cwd=tmp).stdout
     explain = results(tmp, "explain")
     assert len(explain["records"]) == 2 and "| weight |" in out
     for record in explain["records"]:

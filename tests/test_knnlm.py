@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import knnlm
+import machinery
 from helpers import tiny_model, write_corpus
 
 
@@ -25,13 +26,13 @@ def test_missing_split_is_a_clear_error(tmp_path):
     write_corpus(tmp_path)
     os.remove(knnlm.split_path(tmp_path, "valid"))
     with pytest.raises(knnlm.KnnlmError, match="wiki.valid.tokens"):
-        knnlm.resolve_corpus(str(tmp_path))
+        machinery.resolve_corpus(str(tmp_path))
 
 
 def test_make_small_cuts_train_at_an_article_boundary(tmp_path):
     src = write_corpus(tmp_path / "full")
     full = open(knnlm.split_path(src, "train"), "rb").read()
-    small = knnlm.make_small(src, str(tmp_path / "small"), train_bytes=len(full) // 2)
+    small = machinery.make_small(src, str(tmp_path / "small"), train_bytes=len(full) // 2)
     cut = open(knnlm.split_path(small, "train"), "rb").read()
     assert 0 < len(cut) <= len(full) // 2 and full.startswith(cut)
     assert full[len(cut):].startswith(b" \n = Article train")  # the next article starts right after
@@ -78,19 +79,27 @@ def test_model_is_causal():
 
 def test_datastore_stores_every_next_token_as_value(built):
     model, vocab, tokens, datastore, meta = built
-    assert meta["count"] == len(datastore) == len(tokens) - 1
+    assert meta.count == len(datastore) == len(tokens) - 1
     assert torch.equal(datastore.vals, tokens[1:])  # row r holds the target tokens[r + 1]
-    assert meta["model_fingerprint"] == knnlm.fingerprint(model, vocab) and meta["dim"] == 16
+    assert meta.model_fingerprint == machinery.fingerprint(model, vocab) and meta.dim == 16
 
 
 def test_keys_written_equal_the_models_keys(built):
     model, vocab, tokens, datastore, meta = built
     # the target tokens[r + 1] at row r = 100: its window starts at a multiple of the stride
-    r, stride = 100, model.cfg.block_size - meta["min_context"]
-    begin = ((r - meta["min_context"]) // stride) * stride
+    r, stride = 100, model.cfg.block_size - meta.min_context
+    begin = ((r - meta.min_context) // stride) * stride
     with torch.no_grad():
         _, keys = model(tokens[None, begin:begin + model.cfg.block_size], key_type="ffn_in_ln")
     assert torch.allclose(datastore.keys[r].float(), keys[0, r - begin], atol=1e-2, rtol=1e-3)  # float16 storage
+
+
+def test_the_datastore_in_memory_is_the_one_written_to_disk(built):
+    model, vocab, tokens, datastore, meta = built
+    in_memory = knnlm.build_datastore(model, tokens, min_context=6, batch_size=4)
+    assert torch.equal(in_memory.keys, datastore.keys) and torch.equal(in_memory.vals, datastore.vals)
+    queries = torch.randn(5, 16)
+    assert all(torch.equal(a, b) for a, b in zip(in_memory.search(queries, 7), datastore.search(queries, 7)))
 
 
 def test_stored_context_retrieves_itself(built):
@@ -167,11 +176,13 @@ def test_evaluation_scores_every_token_and_knn_helps_on_memorised_text(built):
     assert ppl == min(r[0] for r in results) and len(results) == 6
 
 
-@pytest.mark.skipif(knnlm.knnlm_ext is None, reason="knnlm_ext not built")
+@pytest.mark.skipif(machinery.knnlm_ext is None, reason="knnlm_ext not built")
 def test_evaluation_is_the_same_with_either_search_backend(built):
     model, vocab, tokens, datastore, meta = built
-    caches = [knnlm.score_split(model, tokens, datastore, k=32, min_context=6, batch_size=4, backend=backend,
-                                progress=False) for backend in ("torch", "ext")]
+    caches = []
+    for backend in ("torch", "ext"):
+        assert datastore.use(backend) == backend
+        caches.append(knnlm.score_split(model, tokens, datastore, k=32, min_context=6, batch_size=4, progress=False))
     assert torch.allclose(caches[0]["dists"], caches[1]["dists"], rtol=1e-5, atol=1e-5)
     ppl = [knnlm.perplexity(knnlm.knnlm_log_probs(cache, 0.25)) for cache in caches]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)
@@ -191,8 +202,8 @@ def test_download_unpacks_the_official_archive_layout(tmp_path, monkeypatch):
                 z.write(knnlm.split_path(src, split), f"wikitext-103/wiki.{split}.tokens")
         reporthook(1, os.path.getsize(filename), os.path.getsize(filename))
 
-    monkeypatch.setattr(knnlm.urllib.request, "urlretrieve", fake_urlretrieve)
-    small = knnlm.resolve_corpus(str(tmp_path / "data" / "wikitext-103-small"))
+    monkeypatch.setattr(machinery.urllib.request, "urlretrieve", fake_urlretrieve)
+    small = machinery.resolve_corpus(str(tmp_path / "data" / "wikitext-103-small"))
     assert os.path.isfile(tmp_path / "data" / "wikitext-103" / "wiki.train.tokens")
     assert open(knnlm.split_path(small, "valid")).read() == open(knnlm.split_path(src, "valid")).read()
 
@@ -201,9 +212,9 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     def offline(url, filename, reporthook=None):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(knnlm.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(machinery.urllib.request, "urlretrieve", offline)
     with pytest.raises(knnlm.KnnlmError, match="pass it with --data"):
-        knnlm.resolve_corpus(str(tmp_path / "wikitext-2"))
+        machinery.resolve_corpus(str(tmp_path / "wikitext-2"))
 
 
 REAL = os.environ.get("KNNLM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",

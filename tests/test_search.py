@@ -1,5 +1,6 @@
 """Exact k-nearest-neighbour search (section 4): the PyTorch reference and the C++/CUDA
-kernel of csrc/ against a float64 brute force, on the CPU and, when present, the GPU."""
+kernel of csrc/ (the ops torch.ops.knnlm.*) against a float64 brute force, on the CPU and,
+when present, the GPU."""
 import os
 import shutil
 import subprocess
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 import knnlm
+import machinery
 from helpers import ROOT
 
-ext = knnlm.knnlm_ext
+ext = machinery.knnlm_ext
 IN_CI = bool(os.environ.get("CI"))
 
 
@@ -65,7 +67,7 @@ def assert_exact_neighbours(dists, ids, queries, keys, k):
 def search(backend, device, queries, keys, k, key_norms=None):
     queries, keys = queries.to(device), keys.to(device)
     key_norms = None if key_norms is None else key_norms.to(device)
-    return knnlm.topk_l2(queries, keys, k, key_norms=key_norms, backend=backend)
+    return machinery.topk_l2(queries, keys, k, key_norms=key_norms, backend=backend)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -124,11 +126,11 @@ def test_kernel_is_deterministic_and_right_for_any_blocking():
     """The same call gives the same bits; other block sizes change only the GEMM's rounding."""
     queries, keys = make_data("random", 5000, 24, 37, seed=3)
     key_norms = knnlm.squared_norms(keys)
-    dists, ids = ext.topk_l2(queries, keys, 100, key_norms)
-    again = ext.topk_l2(queries, keys, 100, key_norms)
+    dists, ids = torch.ops.knnlm.topk_l2(queries, keys, 100, key_norms)
+    again = torch.ops.knnlm.topk_l2(queries, keys, 100, key_norms)
     assert torch.equal(dists, again[0]) and torch.equal(ids, again[1])
     for key_chunk, query_block in [(1, 1), (129, 5), (4999, 36), (10_000, 1000)]:
-        dists, ids = ext.topk_l2(queries, keys, 100, key_norms, key_chunk, query_block)
+        dists, ids = torch.ops.knnlm.topk_l2(queries, keys, 100, key_norms, key_chunk, query_block)
         assert_exact_neighbours(dists, ids, queries, keys, 100)
 
 
@@ -136,24 +138,25 @@ def test_kernel_is_deterministic_and_right_for_any_blocking():
 def test_search_rejects_bad_input_clearly(backend, device):
     keys, queries = torch.randn(10, 4, device=device), torch.randn(2, 4, device=device)
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
-        knnlm.topk_l2(queries, keys, 11, backend=backend)
+        machinery.topk_l2(queries, keys, 11, backend=backend)
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
-        knnlm.topk_l2(queries, keys, 0, backend=backend)
+        machinery.topk_l2(queries, keys, 0, backend=backend)
     with pytest.raises(ValueError, match=r"queries must be \[B, 4\]"):
-        knnlm.topk_l2(torch.randn(2, 5, device=device), keys, 3, backend=backend)
+        machinery.topk_l2(torch.randn(2, 5, device=device), keys, 3, backend=backend)
     with pytest.raises(TypeError, match="queries must be float32"):
-        knnlm.topk_l2(queries.double(), keys, 3, backend=backend)
+        machinery.topk_l2(queries.double(), keys, 3, backend=backend)
     with pytest.raises(TypeError, match="keys must be float16 or float32"):
-        knnlm.topk_l2(queries, keys.long(), 3, backend=backend)
+        machinery.topk_l2(queries, keys.long(), 3, backend=backend)
     with pytest.raises(TypeError, match=r"key_norms must be float32 \[10\]"):
-        knnlm.topk_l2(queries, keys, 3, key_norms=torch.zeros(9, device=device), backend=backend)
+        machinery.topk_l2(queries, keys, 3, key_norms=torch.zeros(9, device=device), backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
-        knnlm.topk_l2(queries, keys, 3, backend="magic")
+        machinery.topk_l2(queries, keys, 3, backend="magic")
 
 
 @pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
 def test_kernel_rejects_bad_input_itself():
-    """The binding checks its inputs too: it is callable without the Python wrapper."""
+    """The op checks its inputs too: it is callable without the Python wrapper. Keys on the meta
+    device send the call to the Meta kernel, which runs the same checks."""
     keys, queries, norms = torch.randn(10, 4), torch.randn(2, 4), torch.zeros(10)
     for args, message in [((queries, keys, 11, norms), r"k must be in \[1, 10\]"),
                           ((queries, keys, 0, norms), r"k must be in \[1, 10\]"),
@@ -163,28 +166,73 @@ def test_kernel_rejects_bad_input_itself():
                           ((queries, keys, 3, norms[:9]), "key_norms must be float32"),
                           ((queries, keys.to("meta"), 3, norms), "must be on one device")]:
         with pytest.raises(RuntimeError, match=message):
-            ext.topk_l2(*args)
+            torch.ops.knnlm.topk_l2(*args)
 
 
 @pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
 def test_kernel_refuses_keys_on_another_device():
     with pytest.raises(ValueError, match="must be on one device"):
-        knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4, device="meta"), 3, backend="ext")
+        machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4, device="meta"), 3, backend="ext")
+
+
+KERNEL_DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(ext is None, reason="knnlm_ext not built")),
+                  pytest.param("cuda", marks=pytest.mark.skipif(
+                      not torch.cuda.is_available() or ext is None or not ext.cuda,
+                      reason="no GPU, or knnlm_ext built without CUDA"))]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_topk_l2_is_a_well_formed_torch_op(device):
+    """torch.library.opcheck: the schema, and the Meta kernel against the real one (with the shapes
+    symbolic too, as torch.compile traces them)."""
+    queries, keys = make_data("clustered", 700, 16, 9, seed=5)
+    for key_dtype in (torch.float32, torch.float16):
+        keys_d = keys.to(device, key_dtype)
+        key_norms = knnlm.squared_norms(keys_d)
+        for k, blocks in [(1, ()), (7, ()), (40, (129, 4))]:
+            torch.library.opcheck(torch.ops.knnlm.topk_l2.default, (queries.to(device), keys_d, k, key_norms, *blocks))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES[:1])  # rerank_l2 runs on the CPU only
+def test_rerank_l2_is_a_well_formed_torch_op(device):
+    queries, keys = make_data("random", 500, 16, 6, seed=6)
+    ids = torch.randint(500, (6, 9), generator=torch.Generator().manual_seed(6))
+    ids[2, 4] = -1  # FAISS found fewer than k
+    for key_dtype in (torch.float32, torch.float16):
+        torch.library.opcheck(torch.ops.knnlm.rerank_l2.default, (queries, keys.to(key_dtype), ids))
+        torch.library.opcheck(torch.ops.knnlm.rerank_l2.default, (queries, keys.to(key_dtype), ids[:, :1]))
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_torch_compile_traces_code_that_searches(device):
+    """The Meta kernel gives torch.compile the shapes of the op's results, so a function that calls the
+    op compiles into one graph; it computes what it computes eagerly."""
+    def nearest_weights(queries, keys, key_norms):  # p_kNN's weights, eq. (2), up to the normalisation
+        dists, ids = torch.ops.knnlm.topk_l2(queries, keys, 8, key_norms)
+        return torch.softmax(-dists, dim=1), ids
+
+    compiled = torch.compile(nearest_weights, backend="aot_eager", fullgraph=True)
+    for B in (5, 11):  # the second shape recompiles, with symbolic shapes
+        queries, keys = make_data("random", 600, 16, B, seed=B)
+        queries, keys = queries.to(device), keys.to(device)
+        key_norms = knnlm.squared_norms(keys)
+        weights, ids = compiled(queries, keys, key_norms)
+        eager_weights, eager_ids = nearest_weights(queries, keys, key_norms)
+        assert torch.equal(ids, eager_ids) and torch.equal(weights, eager_weights)
 
 
 def test_ext_backend_without_the_kernel_says_how_to_build_it(monkeypatch):
-    monkeypatch.setattr(knnlm, "knnlm_ext", None)
+    monkeypatch.setattr(machinery, "knnlm_ext", None)
     with pytest.raises(knnlm.KnnlmError, match="pip install --no-build-isolation -e ."):
-        knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="ext")
-    assert knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="auto")[1].shape == (2, 3)  # torch
+        machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="ext")
+    assert machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="auto")[1].shape == (2, 3)  # torch
 
 
 @pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
 def test_auto_backend_uses_the_kernel_when_built(monkeypatch):
-    calls = []
-    monkeypatch.setattr(knnlm, "knnlm_ext", type("Spy", (), {
-        "cuda": False, "CUDA_MAX_K": 1024, "topk_l2": staticmethod(lambda *a: calls.append(a) or ext.topk_l2(*a))}))
-    knnlm.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3)
+    calls, op = [], torch.ops.knnlm.topk_l2
+    monkeypatch.setattr(torch.ops.knnlm, "topk_l2", lambda *a: calls.append(a) or op(*a))
+    machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3)
     assert len(calls) == 1
 
 
