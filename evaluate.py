@@ -37,6 +37,8 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
                          "(default: on, as in the paper)")
 parser.add_argument("--tune", action="store_true",
                     help="choose λ and temperature on the valid split, then evaluate --split with them")
+parser.add_argument("--max-tokens", type=machinery.positive_int, default=None,
+                    help="score only the first N tokens of each split (default: all of them)")
 parser.add_argument("--results", default=None, help="also write valid and test perplexities to this JSON file")
 parser.add_argument("--verify", action="store_true",
                     help="first check every byte of the datastore (and its index) against the checksums of its "
@@ -74,7 +76,7 @@ with machinery.user_errors():
         path = knnlm.split_path(data_dir, split)
         if not args.allow_eval_split_datastore:
             machinery.check_not_built_from(datastore, path)
-        tokens[split] = vocab.encode_file(path)
+        tokens[split] = vocab.encode_file(path)[:None if args.max_tokens is None else args.max_tokens + 1]
         if (tokens[split] != vocab.stoi[knnlm.EOS]).sum() == 0:
             raise knnlm.KnnlmError(f"{path} has no words, only blank lines: nothing to evaluate")
 search = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "

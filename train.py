@@ -26,6 +26,7 @@ import machinery
 
 PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
     "tiny": (2, 2, 32, 32),  # for tests and smoke runs
+    "quick": (2, 4, 128, 64),  # the 5-minute class run (run.sh --quick)
     "cpu-small": (4, 4, 256, 256),
     "medium": (8, 8, 512, 512),
     "paper": (16, 16, 1024, 3072),  # Baevski & Auli's WikiText-103 model size (the paper uses adaptive softmax)
