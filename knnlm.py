@@ -426,16 +426,21 @@ def rerank(queries, keys, ids, block=8):
 # eq. 3: p(y | x) = λ p_kNN(y | x) + (1 - λ) p_LM(y | x)
 # Both in log space. The paper uses T = 1; a temperature is kept as an option.
 
-def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
-    """log p_kNN(target | x) from the neighbours' squared distances [B, k] and values [B, k].
-    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN.
-    Distances count from the nearest neighbour's (the softmax is the same), so that float32 keeps
-    its precision however far the neighbours are; T is kept within float32's range."""
+def neighbour_scores(dists, temperature=1.0):
+    """The exponents of eq. 2, -d / T [B, k], with the distances counted from the nearest neighbour's:
+    the softmax is the same, and float32 keeps its precision however far the neighbours are.
+    T is kept within float32's range (a tiny T is the nearest-neighbour limit, not NaN)."""
     finfo = torch.finfo(dists.dtype)
     T = min(max(temperature, finfo.tiny), finfo.max)
     nearest = dists.amin(dim=1, keepdim=True)
     nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)        # a row with no neighbour at all
-    scores = (dists - nearest).div_(-T)                                    # [B, k]
+    return (dists - nearest).div_(-T)
+
+
+def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
+    """log p_kNN(target | x) from the neighbours' squared distances [B, k] and values [B, k].
+    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN."""
+    scores = neighbour_scores(dists, temperature)                          # [B, k]
     carries_target = neighbour_vals == targets[:, None]                   # [B, k]
     log_norm = torch.logsumexp(scores, dim=1)
     log_p = torch.logsumexp(scores.masked_fill_(~carries_target, -math.inf), dim=1) - log_norm
@@ -443,8 +448,9 @@ def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
 
 
 def knn_distribution(dists, neighbour_vals, vocab_size, temperature=1.0):
-    """The whole p_kNN(. | x) over the vocabulary [B, V]: softmax weights summed per token id."""
-    weights = torch.softmax(-dists / temperature, dim=1)
+    """The whole p_kNN(. | x) over the vocabulary [B, V]: softmax weights summed per token id
+    (all zero for a row without any neighbour)."""
+    weights = torch.softmax(neighbour_scores(dists, temperature), dim=1).nan_to_num_(0.0)
     return torch.zeros(len(dists), vocab_size, device=dists.device).scatter_add_(1, neighbour_vals, weights)
 
 

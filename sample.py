@@ -101,8 +101,7 @@ def generate(use_knn):
             continue
         dists, ids = (t.cpu() for t in datastore.search(keys[0, -1:].float(), args.k))  # [1, k]
         vals = datastore.vals[ids]
-        # distances counted from the nearest: the same softmax, and no underflow at a small T
-        p_knn = knnlm.knn_distribution(dists - dists[:, :1], vals, len(vocab), args.temperature)[0]  # eq. 2
+        p_knn = knnlm.knn_distribution(dists, vals, len(vocab), args.temperature)[0]  # eq. 2
         log_p = knnlm.interpolate(log_p_lm, p_knn.log(), args.lmbda)                 # eq. 3
         tokens.append(pick(log_p, generator))
         steps.append((tokens[-1], log_p_lm, p_knn, log_p, dists[0], ids[0]))
@@ -132,7 +131,7 @@ else:
 for i, (token, log_p_lm, p_knn, log_p, dists, ids) in enumerate(steps, 1):
     print(f"\n{i}. {text([token])!r}: p_LM {log_p_lm[token].exp():.4f} | p_kNN {p_knn[token]:.4f} | "
           f"p {log_p[token].exp():.4f}")
-    weights = torch.softmax(-(dists - dists[0]) / args.temperature, dim=0)          # eq. 2's weights
+    weights = torch.softmax(knnlm.neighbour_scores(dists[None], args.temperature)[0], dim=0)  # eq. 2's weights
     print(f"   {'distance²':>10} {'weight':>7}  {'row':>9}  text before it [value]")
     for d, w, row in list(zip(dists.tolist(), weights.tolist(), ids.tolist()))[:args.show_neighbours]:
         value = text([datastore.vals[row].item()])

@@ -622,6 +622,8 @@ def test_a_tiny_temperature_is_the_nearest_neighbour_limit_not_nan(setup):
     for T in (1e-300, 1e-40, 1e-3):
         log_p = knnlm.knn_log_prob(dists, torch.tensor([[7, 8, 9, 7]]), torch.tensor([7]), T)
         assert log_p.item() == pytest.approx(0.0, abs=1e-6)  # all the mass on the nearest, which carries 7
+        p = knnlm.knn_distribution(dists, torch.tensor([[7, 8, 9, 7]]), 10, T)
+        assert p[0, 7].item() == pytest.approx(1.0, abs=1e-6) and torch.isfinite(p).all()
     out = run("evaluate.py", "--data", data, "--k", "8", "--temperature", "1e-300", cwd=root).stdout
     ppl = float(out.split("kNN-LM ppl ")[1].split()[0])
     assert 0 < ppl < float("inf")
