@@ -21,17 +21,11 @@ import knnlm
 import machinery
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "min_context",
-                                                              "batch_size", "device")])
+                                 parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "lambda",
+                                                              "temperature", "nprobe", "min_context", "batch_size",
+                                                              "device")])
 parser.add_argument("--split", default="test", choices=knnlm.SPLITS, help="split to evaluate (default: %(default)s)")
-parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25,
-                    help="interpolation weight of p_kNN (default: %(default)s, the paper's in-domain value)")
-parser.add_argument("--temperature", type=float, default=1.0,
-                    help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, as in the paper)")
 machinery.backend_argument(parser)
-parser.add_argument("--nprobe", type=int, default=None,
-                    help=f"faiss: inverted lists visited per query (default: the paper's {machinery.NPROBE}, or all "
-                         "lists when the index has fewer)")
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                     help="faiss: re-rank the retrieved neighbours by exact distances from the float16 keys "
                          "(default: on, as in the paper)")
@@ -47,12 +41,7 @@ parser.add_argument("--allow-eval-split-datastore", action="store_true",
                     help="evaluate a split the datastore was built from (refused by default: every token "
                          "finds itself among its neighbours, and the perplexity means nothing)")
 args = parser.parse_args()
-if not 0 <= args.lmbda <= 1:
-    parser.error(f"--lambda must be in [0, 1], got {args.lmbda}")
-if not args.temperature > 0:
-    parser.error(f"--temperature must be > 0, got {args.temperature}")
-if args.k <= 0:
-    parser.error(f"--k must be positive, got {args.k}")
+machinery.check_knnlm_arguments(parser, args)
 
 start = time.time()
 outputs = ExitStack()  # the results file: checked, and locked against a second writer, before any work
@@ -65,8 +54,6 @@ with machinery.user_errors():
     datastore.check_model(model, vocab, args.checkpoint)
     if args.verify:
         datastore.verify()
-    if args.k > len(datastore):
-        raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
     backend = datastore.use(args.backend, args.device, args.k, args.nprobe, args.recompute)
     data_dir = machinery.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)

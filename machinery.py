@@ -74,6 +74,7 @@ def check_device(device):
     return device
 
 
+NPROBE = 32  # FAISS: lists visited per query, as in the paper (all of them if there are fewer)
 ARGUMENTS = {  # the flags the scripts and experiments share: name -> (flag, its add_argument options)
     "data": ("--data", dict(default="data/wikitext-103-small",
                             help="directory with wiki.{train,valid,test}.tokens; a missing wikitext-103, wikitext-2 "
@@ -89,7 +90,24 @@ ARGUMENTS = {  # the flags the scripts and experiments share: name -> (flag, its
     "batch_size": ("--batch-size", dict(type=positive_int, default=16, help="windows per forward pass (default: %(default)s)")),
     "device": ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu",
                                 help="cpu or cuda (default: cuda when present)")),
+    "lambda": ("--lambda", dict(dest="lmbda", type=float, default=0.25,
+                                help="interpolation weight of p_kNN (default: %(default)s, the paper's in-domain value)")),
+    "temperature": ("--temperature", dict(type=float, default=1.0,
+                                          help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, as in the paper)")),
+    "nprobe": ("--nprobe", dict(type=int, default=None,
+                                help=f"faiss: inverted lists visited per query (default: the paper's {NPROBE}, or all "
+                                     "lists when the index has fewer)")),
 }
+
+
+def check_knnlm_arguments(parser, args):
+    """The flags of eqs. 2 and 3 (--k, --lambda, --temperature) in range, or the parser's one-line error."""
+    if not 0 <= args.lmbda <= 1:
+        parser.error(f"--lambda must be in [0, 1], got {args.lmbda}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.k <= 0:
+        parser.error(f"--k must be positive, got {args.k}")
 
 
 def arguments(*names, **defaults):
@@ -637,8 +655,8 @@ class DiskDatastore(knnlm.Datastore):
 
     def __init__(self, path):
         if not os.path.isfile(os.path.join(path, "meta.json")):
-            if writer_pid(path, directory=True):
-                raise KnnlmError(f"the datastore in {path} is being built now (by process {writer_pid(path, True)}): "
+            if pid := writer_pid(path, directory=True):
+                raise KnnlmError(f"the datastore in {path} is being built now (by process {pid}): "
                                  "wait for the build to finish")
             unfinished = os.path.isdir(path) and any(f.startswith("progress") for f in os.listdir(path))
             raise KnnlmError(f"the datastore build in {path} was interrupted: rerun build_datastore.py with the "
@@ -698,7 +716,10 @@ class DiskDatastore(knnlm.Datastore):
         return self.index
 
     def use(self, backend="auto", device="cpu", k=1, nprobe=None, recompute=True):
-        """Decide how this datastore is searched (search_backend) and get ready for it; -> the backend."""
+        """Decide how this datastore is searched for k neighbours (search_backend) and get ready for it;
+        -> the backend."""
+        if k > len(self):
+            raise KnnlmError(f"--k {k} is larger than the datastore ({len(self):,} keys)")
         self.backend = search_backend(backend, device, self.keys.device, k, len(self), self.has_index())
         if self.backend == "faiss":
             self.load_index(nprobe, recompute)
@@ -783,7 +804,6 @@ def rerank(queries, keys, ids, fd=-1, offset=0):
 # as it finishes, so an interrupted build does only what is missing.
 
 INDEX_TRAIN_SIZE = 1_000_000  # keys sampled to train the index, as in the paper
-NPROBE = 32                   # lists visited per query, as in the paper (all of them if there are fewer)
 INDEX_BATCH = 1 << 16         # keys read from the memmap and added per step
 RERANK_MMAP_MAX_BYTES = 2 << 30  # beyond this, re-ranking reads key rows with pread, not through the memmap
 INDEX_DATASTORE_FIELDS = ("count", "dim", "key_dtype", "key_type", "model_fingerprint", "vocab_fingerprint", "source")
@@ -954,9 +974,9 @@ class FaissIndex:
     def __init__(self, datastore, nprobe=None, recompute=True, name="index"):
         meta_path = index_path(datastore, name, "json")
         if not os.path.isfile(meta_path):
-            if writer_pid(datastore.path, directory=True):
+            if pid := writer_pid(datastore.path, directory=True):
                 raise KnnlmError(f"the FAISS index {name} of {datastore.path} is being built now (by process "
-                                 f"{writer_pid(datastore.path, True)}): wait for the build to finish")
+                                 f"{pid}): wait for the build to finish")
             raise KnnlmError(f"no FAISS index {name} in {datastore.path}: build one with "
                              f"`python build_datastore.py --index`, or search exactly")
         self.meta = read_json(meta_path, INDEX_FIELDS)

@@ -27,42 +27,30 @@ import machinery
 CONTEXT_WORDS = 12  # words of stored text shown before a neighbour
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[machinery.arguments("checkpoint", "datastore", "k", "device")])
+                                 parents=[machinery.arguments("checkpoint", "datastore", "k", "lambda", "temperature",
+                                                              "nprobe", "device")])
 parser.add_argument("--prompt", default="", help="words to continue (default: empty, a new paragraph)")
 parser.add_argument("--tokens", type=machinery.positive_int, default=40, help="tokens to generate (default: %(default)s)")
-parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25,
-                    help="interpolation weight of p_kNN (default: %(default)s, the paper's)")
-parser.add_argument("--temperature", type=float, default=1.0,
-                    help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, the paper's)")
 parser.add_argument("--sample", action="store_true", help="sample from the distribution (default: greedy)")
 parser.add_argument("--top-k", type=machinery.positive_int, default=None, help="--sample: only the k likeliest tokens")
 parser.add_argument("--top-p", type=float, default=None,
                     help="--sample: only the likeliest tokens whose probabilities sum to p (nucleus sampling)")
 parser.add_argument("--seed", type=int, default=0, help="random seed of --sample, the same for both (default: %(default)s)")
 machinery.backend_argument(parser)
-parser.add_argument("--nprobe", type=int, default=None,
-                    help=f"faiss: inverted lists visited per query (default: the paper's {machinery.NPROBE})")
 parser.add_argument("--show-neighbours", type=machinery.positive_int, nargs="?", const=3, default=0, metavar="N",
                     help="for each kNN-LM token: p_LM, p_kNN, p, and its N nearest neighbours with the text "
                          "before them (default N: %(const)s)")
 args = parser.parse_args()
-if not 0 <= args.lmbda <= 1:
-    parser.error(f"--lambda must be in [0, 1], got {args.lmbda}")
-if not args.temperature > 0:
-    parser.error(f"--temperature must be > 0, got {args.temperature}")
+machinery.check_knnlm_arguments(parser, args)
 if args.top_p is not None and not 0 < args.top_p <= 1:
     parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
 if (args.top_k or args.top_p) and not args.sample:
     parser.error("--top-k and --top-p cut the distribution --sample draws from: add --sample")
-if args.k <= 0:
-    parser.error(f"--k must be positive, got {args.k}")
 
 with machinery.user_errors():
     model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
     datastore = machinery.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
-    if args.k > len(datastore):
-        raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
     backend = datastore.use(args.backend, args.device, args.k, args.nprobe)
 prompt = [vocab.stoi[knnlm.EOS]] + [vocab.stoi.get(w, vocab.unk) for w in args.prompt.split()]
 print(f"model {args.checkpoint}, datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), "

@@ -39,8 +39,6 @@ def load(args, datastore=None):
         model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
         datastore = machinery.DiskDatastore(datastore or args.datastore)
         datastore.check_model(model, vocab, args.checkpoint)
-        if args.k > len(datastore):
-            raise knnlm.KnnlmError(f"--k {args.k} is larger than the datastore ({len(datastore):,} keys)")
         datastore.use(exact_backend(args, datastore), args.device, args.k)
         data_dir = machinery.resolve_corpus(args.data)
     return model, vocab, datastore, data_dir
