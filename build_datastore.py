@@ -36,7 +36,7 @@ parser.add_argument("--split", default="train", choices=knnlm.SPLITS, help="spli
 parser.add_argument("--out", default="runs/datastore", help="datastore directory (default: %(default)s)")
 parser.add_argument("--key-type", default="ffn_in_ln", choices=knnlm.KEY_TYPES,
                     help="which hidden state is the key: " + "; ".join(f"{k}: {v}" for k, v in knnlm.KEY_TYPES.items()))
-parser.add_argument("--commit-seconds", type=float, default=10.0,
+parser.add_argument("--commit-seconds", type=machinery.finite_float(0), default=10.0,
                     help="save progress this often; an interrupted build loses at most this much (default: %(default)s)")
 parser.add_argument("--index", action="store_true", help="also build the FAISS index of the datastore")
 parser.add_argument("--factory", default=None,
@@ -67,30 +67,29 @@ if world > 1:
 barrier = torch.distributed.barrier if world > 1 else lambda: None
 
 # rank 0 holds the lock of --out for the whole job: a second build into it is refused at once
-with machinery.user_errors(), machinery.writing(args.out, directory=True) if rank == 0 else nullcontext():
+interrupted = "rerun the same command to continue where it stopped"
+with machinery.user_errors(interrupted), machinery.writing(args.out, directory=True) if rank == 0 else nullcontext():
     model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     path = knnlm.split_path(machinery.resolve_corpus(args.data), args.split)
     tokens = vocab.encode_file(path)
     print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}")
-    source = {"file": os.path.realpath(path), "split": args.split, "sha256": machinery.file_fingerprint(path)}
-    try:
-        meta = machinery.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type,
-                                         min_context=min_context, batch_size=args.batch_size, source=source,
-                                         commit_seconds=args.commit_seconds, shard=rank, shards=world, barrier=barrier)
+    source = {"file": os.path.realpath(path), "split": args.split, "sha256": machinery.file_fingerprint(path),
+              "tokens_sha256": machinery.text_fingerprint(path)}
+    meta = machinery.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type,
+                                     min_context=min_context, batch_size=args.batch_size, source=source,
+                                     commit_seconds=args.commit_seconds, shard=rank, shards=world, barrier=barrier)
+    if rank == 0:
+        print(f"wrote {meta.count:,} keys ({args.key_type}) to {args.out}")
+    if args.index:
+        datastore = machinery.DiskDatastore(args.out)
+        plan = machinery.plan_index(datastore, args.factory, args.train_size, args.index_shards or world)
         if rank == 0:
-            print(f"wrote {meta.count:,} keys ({args.key_type}) to {args.out}")
-        if args.index:
-            datastore = machinery.DiskDatastore(args.out)
-            plan = machinery.plan_index(datastore, args.factory, args.train_size, args.index_shards or world)
-            if rank == 0:
-                machinery.train_index(datastore, plan)
-            barrier()
-            for shard in range(rank, plan["shards"], world):
-                machinery.add_shard(datastore, plan, shard)
-            barrier()
-            if rank == 0:
-                machinery.merge_index(datastore, plan)
-                print(f"wrote the index {plan['factory']} of {args.out} ({plan['shards']} shards)")
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted: rerun the same command to continue where it stopped")
+            machinery.train_index(datastore, plan)
+        barrier()
+        for shard in range(rank, plan["shards"], world):
+            machinery.add_shard(datastore, plan, shard)
+        barrier()
+        if rank == 0:
+            machinery.merge_index(datastore, plan)
+            print(f"wrote the index {plan['factory']} of {args.out} ({plan['shards']} shards)")

@@ -9,6 +9,7 @@ from one pass that computes p_LM and the k nearest neighbours of every token.
 re-mixing of the cached p_LM and neighbours) and evaluates --split with them.
 """
 import argparse
+import math
 import os
 import platform
 import sys
@@ -45,7 +46,7 @@ machinery.check_knnlm_arguments(parser, args)
 
 start = time.time()
 outputs = ExitStack()  # the results file: checked, and locked against a second writer, before any work
-with machinery.user_errors():
+with machinery.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.results:
         outputs.enter_context(machinery.writing(args.results))
         earlier = machinery.read_json(args.results, {}) if os.path.isfile(args.results) else {}
@@ -57,15 +58,15 @@ with machinery.user_errors():
     backend = datastore.use(args.backend, args.device, args.k, args.nprobe, args.recompute)
     data_dir = machinery.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
-    splits = (["valid"] if args.tune or args.results else []) + [args.split] + (["test"] if args.results else [])
+    splits = list(dict.fromkeys((["valid"] if args.tune or args.results else []) + [args.split]
+                                + (["test"] if args.results else [])))
+    paths = {split: knnlm.split_path(data_dir, split) for split in splits}
+    if not args.allow_eval_split_datastore:
+        machinery.check_not_built_from(datastore, paths.values())
     tokens = {}
-    for split in dict.fromkeys(splits):  # every split read and checked before the long passes
-        path = knnlm.split_path(data_dir, split)
-        if not args.allow_eval_split_datastore:
-            machinery.check_not_built_from(datastore, path)
-        tokens[split] = vocab.encode_file(path)[:None if args.max_tokens is None else args.max_tokens + 1]
-        if (tokens[split] != vocab.stoi[knnlm.EOS]).sum() == 0:
-            raise knnlm.KnnlmError(f"{path} has no words, only blank lines: nothing to evaluate")
+    for split, path in paths.items():  # every split read and checked before the long passes
+        tokens[split] = machinery.check_has_words(vocab.encode_file(path), vocab, path, "evaluate")[
+            :None if args.max_tokens is None else args.max_tokens + 1]
 search = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
           f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")
 print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), search: {search}; "
@@ -76,35 +77,47 @@ def score(split):
     return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size, desc=split)
 
 
+def lower(ppl, lm_ppl):
+    return f"{100 * (1 - ppl / lm_ppl):.1f}% lower" if math.isfinite(ppl) and math.isfinite(lm_ppl) else "infinite"
+
+
 caches = {}
-if args.tune or args.results:
-    caches["valid"] = score("valid")
-if args.tune:
-    args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES)
-    print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
-for split in splits:
-    if split not in caches:
-        caches[split] = score(split)
+with machinery.user_errors(interrupted="nothing was written; rerun the same command"):
+    if args.tune or args.results:
+        caches["valid"] = score("valid")
+    if args.tune:
+        args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES)
+        print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
+    for split in splits:
+        if split not in caches:
+            caches[split] = score(split)
 
 lm_ppl, knnlm_ppl = {}, {}
 for split, cache in caches.items():
     lm_ppl[split] = knnlm.perplexity(cache["log_p_lm"])
     knnlm_ppl[split] = knnlm.perplexity(knnlm.knnlm_log_probs(cache, args.lmbda, args.temperature))
     print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
-          f"({100 * (1 - knnlm_ppl[split] / lm_ppl[split]):.1f}% lower) at k={args.k}, λ={args.lmbda}, "
+          f"({lower(knnlm_ppl[split], lm_ppl[split])}) at k={args.k}, λ={args.lmbda}, "
           f"T={args.temperature}; search {len(cache['targets']) / cache['search_seconds']:,.0f} queries/s")
     if knnlm_ppl[split] == float("inf"):
         print(f"{split}: the kNN-LM perplexity is infinite: at λ = {args.lmbda} some token got probability 0 "
               "(λ = 1 and none of its neighbours carries it)")
 
 if args.results:
+    setting = machinery.measured_with(ckpt["fingerprint"], datastore, args.k, args.lmbda, args.temperature,
+                                      min_context, args.max_tokens)
     results = {"lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
                "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
                "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
-               "key_type": datastore.key_type, "min_context": min_context,
+               "key_type": datastore.key_type, "min_context": min_context, "measured_with": setting,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
-               "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv),
-               **({"backends": earlier["backends"]} if "backends" in earlier else {})}  # from bench/index.py
+               "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv)}
+    backends = earlier.get("backends")  # bench.index's search backends, kept only beside the numbers they belong to
+    if isinstance(backends, dict) and backends.get("measured_with") == setting:
+        results["backends"] = backends
+    elif backends is not None:
+        print(f"dropped the 'backends' table of {args.results}: it was measured with another model, datastore or "
+              "settings (python -m bench.index measures it again)")
     with machinery.user_errors():
         machinery.write_json(results, args.results)
     print(f"wrote {args.results}")

@@ -45,15 +45,22 @@ def split_path(data_dir, split):
     return os.path.join(data_dir, f"wiki.{split}.tokens")
 
 
-def read_words(path):
-    """The tokens of a WikiText file: each line's words, then <eos>."""
-    with open(path, encoding="utf-8") as f:
+def read_lines(path):
+    """The words of each line of a WikiText file. A line ends at \\n only (a \\r is a space, so
+    CRLF files read the same), and a UTF-8 byte-order mark is not a word."""
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
         try:
             for line in f:
-                yield from line.split()
-                yield EOS
+                yield line.split()
         except UnicodeDecodeError as e:
             raise KnnlmError(f"{path} is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x})") from None
+
+
+def read_words(path):
+    """The tokens of a WikiText file: each line's words, then <eos>."""
+    for words in read_lines(path):
+        yield from words
+        yield EOS
 
 
 class Vocab:

@@ -19,11 +19,13 @@ import json
 import math
 import mmap
 import os
+import pickle
 import shutil
 import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 import zipfile
 from contextlib import contextmanager, nullcontext
 import dataclasses
@@ -46,32 +48,73 @@ except ImportError:
 # -----------------------------------------------------------------------------
 # Scripts
 
+for _stream in (sys.stdout, sys.stderr):  # the scripts print λ, ¶, …: on a console that cannot, as \u escapes
+    if hasattr(_stream, "reconfigure"):
+        _stream.reconfigure(errors="backslashreplace")
+
 
 @contextmanager
-def user_errors():
-    """Around a script's work on user input: a KnnlmError ends it with one line and exit code 2."""
+def user_errors(interrupted=None):
+    """Around a script's work on user input: a KnnlmError ends it with one line and exit code 2;
+    with interrupted (what to do about it), Ctrl-C ends it with that line and exit code 130."""
     try:
         yield
     except KnnlmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        sys.exit(130)
 
 
-def positive_int(text):
+def positive_int(text, low=1, what="a positive integer"):
     """argparse type: an integer of at least 1 (a batch size, a count of steps or shards)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
 
 
+def non_negative_int(text):
+    """argparse type: an integer of at least 0 (a count of warm-up steps)."""
+    return positive_int(text, 0, "an integer >= 0")
+
+
 def check_device(device):
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    """--device: cpu, cuda or cuda:N, and there."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is None or kind.type not in ("cpu", "cuda"):
+        raise KnnlmError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if kind.type == "cuda" and not torch.cuda.is_available():
         raise KnnlmError(f"--device {device} was asked for, but this torch build sees no CUDA GPU: use --device cpu")
+    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+        raise KnnlmError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
+
+
+def finite_float(low=None, high=None, low_open=False, high_open=False):
+    """argparse type: a finite number in [low, high] (an end open where said), e.g. a rate or a weight."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or below or above:
+            where = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
+                     f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}")
+            raise argparse.ArgumentTypeError(f"must be a finite number in {where}, got {text}")
+        return value
+    return parse
 
 
 NPROBE = 32  # FAISS: lists visited per query, as in the paper (all of them if there are fewer)
@@ -83,7 +126,7 @@ ARGUMENTS = {  # the flags the scripts and experiments share: name -> (flag, its
     "datastore": ("--datastore", dict(default="runs/datastore",
                                       help="datastore from build_datastore.py, from this corpus or another "
                                            "(default: %(default)s)")),
-    "k": ("--k", dict(type=int, default=1024, help="neighbours per token (default: %(default)s, the paper's)")),
+    "k": ("--k", dict(type=positive_int, default=1024, help="neighbours per token (default: %(default)s, the paper's)")),
     "min_context": ("--min-context", dict(type=int, default=None,
                                           help="every token has at least this many tokens of left context "
                                                "(default: half the model's context, like the paper's 1536 of 3072)")),
@@ -101,13 +144,12 @@ ARGUMENTS = {  # the flags the scripts and experiments share: name -> (flag, its
 
 
 def check_knnlm_arguments(parser, args):
-    """The flags of eqs. 2 and 3 (--k, --lambda, --temperature) in range, or the parser's one-line error."""
+    """The flags of eqs. 2 and 3 (--lambda, --temperature) in range, or the parser's one-line error
+    (--k is a positive_int)."""
     if not 0 <= args.lmbda <= 1:
         parser.error(f"--lambda must be in [0, 1], got {args.lmbda}")
     if not args.temperature > 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
-    if args.k <= 0:
-        parser.error(f"--k must be positive, got {args.k}")
 
 
 def arguments(*names, **defaults):
@@ -150,6 +192,13 @@ def check_corpus(data_dir):
     if empty:
         raise KnnlmError("empty corpus file: " + ", ".join(empty))
     return data_dir
+
+
+def check_has_words(tokens, vocab, path, what):
+    """tokens, unless the text they were read from has no word at all (only blank lines)."""
+    if not (tokens != vocab.stoi[knnlm.EOS]).any():
+        raise KnnlmError(f"{path} has no words, only blank lines: nothing to {what}")
+    return tokens
 
 
 def file_fingerprint(path):
@@ -226,6 +275,7 @@ def atomic_write(path):
     """Yield a temporary name beside path, rename it to path once written: a crash
     never leaves half a file under the final name (and the next write removes what a
     killed writer left). A failed write (a full disk) is a KnnlmError."""
+    path = os.path.realpath(path)  # through a symlink: the file it names is replaced, not the link
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -265,6 +315,7 @@ _held_locks = {}  # lock file -> descriptor, the locks this process holds
 
 
 def lock_path(path, directory):
+    path = os.path.realpath(path)  # one lock for a file however it is named (a symlink, ../x)
     if directory:
         return os.path.join(path, ".lock")
     return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
@@ -374,7 +425,8 @@ def check_same(wanted, found, wanted_name, found_name):
     """Refuse, in one line naming both sides, the first field where found differs from wanted."""
     for field, value in wanted.items():
         if found.get(field) != value:
-            raise KnnlmError(f"{field} differs: {found_name} has {found.get(field)!r}, {wanted_name} has {value!r}")
+            raise KnnlmError(f"{field} differs: {found_name} has {found.get(field)!r}, {wanted_name} "
+                             f"{'have' if wanted_name.endswith('arguments') else 'has'} {value!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -407,11 +459,20 @@ CHECKPOINT_FIELDS = ("config", "model", "vocab", "fingerprint")
 
 
 def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode, vocab, the whole checkpoint dict)."""
+    """-> (model in eval mode, vocab, the whole checkpoint dict). Only tensors and plain data are
+    read (torch.load's weights_only): a checkpoint is a pickle, and a pickle of any other object
+    can run code as it is loaded; such a file is refused before anything in it runs."""
     if not os.path.isfile(path):
         raise KnnlmError(f"no checkpoint at {path}: train one with train.py (or pass --checkpoint)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        with warnings.catch_warnings():  # e.g. on the pickle protocol of a file that is refused anyway
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: objects other than tensors and plain data
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise KnnlmError(f"refused to load {path}: it holds Python objects other than tensors and plain data, "
+                         f"which could run code when loaded ({detail or 'weights_only'}); train.py's checkpoints "
+                         "hold none") from None
     except Exception as e:  # truncated, corrupt, or not a torch file
         raise KnnlmError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     missing = [f for f in CHECKPOINT_FIELDS if f not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_FIELDS
@@ -454,7 +515,7 @@ class Manifest:
 
     @classmethod
     def read(cls, path):
-        """-> (the manifest in path/meta.json, the checksums of its files), its fields' types and seal checked."""
+        """-> (the manifest in path/meta.json, the checksums of its files, its seal), its fields' types and seal checked."""
         meta = read_json(os.path.join(path, "meta.json"), {})
         for name, kind, optional in [(f.name, f.type, f.default is None) for f in fields(cls)] + [
                 ("files", dict, False), ("seal", str, False)]:
@@ -464,7 +525,7 @@ class Manifest:
         if seal(meta) != meta["seal"]:
             raise KnnlmError(f"{path}/meta.json was edited: its fields no longer match their seal. Rebuild the "
                              "datastore rather than edit its manifest")
-        return cls(**{f.name: meta[f.name] for f in fields(cls)}), meta["files"]
+        return cls(**{f.name: meta[f.name] for f in fields(cls)}), meta["files"], meta["seal"]
 
     def write(self, path, progress=False):
         """Finish a datastore: meta.json, with the checksums of its files and its seal."""
@@ -663,7 +724,7 @@ class DiskDatastore(knnlm.Datastore):
                              "same arguments to finish it" if unfinished else
                              f"no datastore at {path} (no meta.json): build one with build_datastore.py")
         self.path = path
-        self.meta, self.files = Manifest.read(path)  # its fields' types and its seal
+        self.meta, self.files, self.seal = Manifest.read(path)  # its fields' types and its seal checked
         try:  # mode "c" (copy-on-write) gives torch writable arrays without ever touching the files
             self.key_file = np.load(os.path.join(path, "keys.npy"), mmap_mode="c")
             vals = np.load(os.path.join(path, "vals.npy"), mmap_mode="c")
@@ -734,14 +795,66 @@ class DiskDatastore(knnlm.Datastore):
         return super().search(queries, k)
 
 
-def check_not_built_from(datastore, path):
-    """Refuse to evaluate the text a datastore was built from: each token would find its own
-    context at distance ~0 among the neighbours, and the perplexity would mean nothing."""
-    source = datastore.meta.source or {}
-    if source.get("sha256") == file_fingerprint(path):
-        raise KnnlmError(f"the datastore {datastore.path} was built from {path}, the text being evaluated: every "
-                         "token would find itself among its neighbours and the perplexity would mean nothing. "
-                         "Build it from another split, or pass --allow-eval-split-datastore to do it anyway")
+SHARED_MIN_WORDS = 10    # paragraphs this long are (nearly) never in two WikiText splits: 0.005% of test's words
+SHARED_MAX_SHARE = 0.1   # a datastore whose source holds more of an evaluated text's words is refused
+
+
+def measured_with(model_fingerprint, datastore, k, lmbda, temperature, min_context, max_tokens=None):
+    """What a kNN-LM perplexity depends on, as a results file records it: numbers measured with
+    anything else (bench.index's "backends") do not belong beside it."""
+    return {"model_fingerprint": model_fingerprint, "datastore_seal": datastore.seal, "k": k, "lambda": lmbda,
+            "temperature": temperature, "min_context": min_context, "max_tokens": max_tokens}
+
+
+def check_not_built_from(datastore, paths):
+    """Refuse to evaluate text a datastore was built from: each token would find its own context at
+    distance ~0 among the neighbours, and the perplexity would mean nothing. Caught: the same text,
+    however its bytes differ (other line ends, a byte-order mark, other spaces: the token streams'
+    hashes are compared); and, while the datastore's source file is there unchanged, a source that
+    holds the text's paragraphs (more than SHARED_MAX_SHARE of its words in paragraphs of
+    SHARED_MIN_WORDS words or more found verbatim there: train + test in one file, or half of test)."""
+    source, paths = datastore.meta.source or {}, list(paths)
+    advice = ("every token would find itself among its neighbours and the perplexity would mean nothing. Build it "
+              "from another text, or pass --allow-eval-split-datastore to do it anyway")
+    for path in paths:
+        same = (source.get("tokens_sha256") == text_fingerprint(path) if "tokens_sha256" in source
+                else source.get("sha256") == file_fingerprint(path))  # a datastore built before tokens_sha256
+        if same:
+            raise KnnlmError(f"the datastore {datastore.path} was built from {path}, the text being evaluated: {advice}")
+    if not source.get("file"):
+        return
+    if not os.path.isfile(source["file"]) or file_fingerprint(source["file"]) != source.get("sha256"):
+        print(f"note: {source['file']}, the datastore's source, is missing or changed: whether it holds the "
+              "text being evaluated is not checked", file=sys.stderr)
+        return
+    for path, share in shared_paragraphs(paths, source["file"]).items():
+        if share > SHARED_MAX_SHARE:
+            raise KnnlmError(f"the datastore {datastore.path} was built from {source['file']}, which holds {share:.0%} "
+                             f"of the words of {path}, the text being evaluated (its paragraphs, verbatim): {advice}")
+
+
+def text_fingerprint(path):
+    """A short sha256 of the token stream a reader sees in a WikiText file (knnlm.read_lines): the
+    same for a copy with other line ends, a byte-order mark or other spaces."""
+    h = hashlib.sha256()
+    for words in knnlm.read_lines(path):
+        h.update(" ".join(words).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def shared_paragraphs(paths, source_file, min_words=SHARED_MIN_WORDS):
+    """{path: the share of its words, in paragraphs of min_words or more, whose paragraph is also in source_file}."""
+    texts = {path: [" ".join(words) for words in knnlm.read_lines(path) if len(words) >= min_words] for path in paths}
+    wanted, found = set().union(*texts.values()), set()
+    for words in tqdm(knnlm.read_lines(source_file), desc="is the evaluated text in the datastore's?", unit=" lines",
+                      leave=False, disable=os.path.getsize(source_file) < 1 << 28):
+        if len(words) >= min_words and (line := " ".join(words)) in wanted:
+            found.add(line)
+    share = {}
+    for path, lines in texts.items():
+        words = [line.count(" ") + 1 for line in lines]
+        share[path] = sum(n for n, line in zip(words, lines) if line in found) / max(1, sum(words))
+    return share
 
 
 # -----------------------------------------------------------------------------
@@ -977,8 +1090,12 @@ class FaissIndex:
             if pid := writer_pid(datastore.path, directory=True):
                 raise KnnlmError(f"the FAISS index {name} of {datastore.path} is being built now (by process "
                                  f"{pid}): wait for the build to finish")
-            raise KnnlmError(f"no FAISS index {name} in {datastore.path}: build one with "
-                             f"`python build_datastore.py --index`, or search exactly")
+            what = "no FAISS index" + ("" if name == "index" else f" {name}")
+            if os.path.isfile(index_path(datastore, name, "plan.json")):
+                raise KnnlmError(f"the FAISS index build in {datastore.path} was interrupted: rerun "
+                                 "`python build_datastore.py --index` with the same arguments to finish it")
+            raise KnnlmError(f"{what} in {datastore.path}: build one with `python build_datastore.py --index`, "
+                             "or search exactly")
         self.meta = read_json(meta_path, INDEX_FIELDS)
         check_same(index_manifest(datastore), self.meta["datastore"],
                    f"the datastore in {datastore.path}", f"its index {name}.faiss")

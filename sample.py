@@ -47,7 +47,7 @@ if args.top_p is not None and not 0 < args.top_p <= 1:
 if (args.top_k or args.top_p) and not args.sample:
     parser.error("--top-k and --top-p cut the distribution --sample draws from: add --sample")
 
-with machinery.user_errors():
+with machinery.user_errors(interrupted="nothing was generated"):
     model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
     datastore = machinery.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
@@ -77,7 +77,8 @@ def pick(log_p, generator):
 
 @torch.no_grad()
 def generate(use_knn):
-    """--tokens tokens after the prompt; -> (their ids, per token what kNN-LM saw: p's and neighbours)."""
+    """--tokens tokens after the prompt; -> (their ids, per token what --show-neighbours prints: the token,
+    its p_LM, p_kNN and p, and the distances, weights and rows of its nearest neighbours)."""
     tokens, steps = list(prompt), []
     generator = torch.Generator().manual_seed(args.seed)  # the same draws for the LM and kNN-LM
     for _ in range(args.tokens):
@@ -92,12 +93,17 @@ def generate(use_knn):
         p_knn = knnlm.knn_distribution(dists, vals, len(vocab), args.temperature)[0]  # eq. 2
         log_p = knnlm.interpolate(log_p_lm, p_knn.log(), args.lmbda)                 # eq. 3
         tokens.append(pick(log_p, generator))
-        steps.append((tokens[-1], log_p_lm, p_knn, log_p, dists[0], ids[0]))
+        if args.show_neighbours:  # what is printed, not three distributions over the vocabulary per token
+            token, n = tokens[-1], args.show_neighbours
+            weights = torch.softmax(knnlm.neighbour_scores(dists, args.temperature)[0], dim=0)  # eq. 2's weights
+            steps.append((token, log_p_lm[token].exp().item(), p_knn[token].item(), log_p[token].exp().item(),
+                          dists[0, :n].tolist(), weights[:n].tolist(), ids[0, :n].tolist()))
     return tokens[len(prompt):], steps
 
 
-lm_tokens, _ = generate(use_knn=False)
-knn_tokens, steps = generate(use_knn=True)
+with machinery.user_errors(interrupted="nothing was generated"):
+    lm_tokens, _ = generate(use_knn=False)
+    knn_tokens, steps = generate(use_knn=True)
 print(f"prompt: {text(prompt)}")
 print(f"LM:     {text(lm_tokens)}")
 print(f"kNN-LM: {text(knn_tokens)}")
@@ -113,15 +119,13 @@ elif not os.path.isfile(source["file"]):
 elif machinery.file_fingerprint(source["file"]) != source["sha256"]:
     print(f"({source['file']} changed since the datastore was built: neighbours are shown without their context)")
 else:
-    with machinery.user_errors():
+    with machinery.user_errors(interrupted="the neighbours' text was not shown"):
         source_tokens = vocab.encode_file(source["file"])
 
-for i, (token, log_p_lm, p_knn, log_p, dists, ids) in enumerate(steps, 1):
-    print(f"\n{i}. {text([token])!r}: p_LM {log_p_lm[token].exp():.4f} | p_kNN {p_knn[token]:.4f} | "
-          f"p {log_p[token].exp():.4f}")
-    weights = torch.softmax(knnlm.neighbour_scores(dists[None], args.temperature)[0], dim=0)  # eq. 2's weights
+for i, (token, p_lm, p_knn, p, dists, weights, ids) in enumerate(steps, 1):
+    print(f"\n{i}. {text([token])!r}: p_LM {p_lm:.4f} | p_kNN {p_knn:.4f} | p {p:.4f}")
     print(f"   {'distance²':>10} {'weight':>7}  {'row':>9}  text before it [value]")
-    for d, w, row in list(zip(dists.tolist(), weights.tolist(), ids.tolist()))[:args.show_neighbours]:
+    for d, w, row in zip(dists, weights, ids):
         value = text([datastore.vals[row].item()])
         before = "" if source_tokens is None else ("… " * (row + 1 > CONTEXT_WORDS) + text(
             knnlm.row_context(source_tokens, row, CONTEXT_WORDS)[0].tolist()) + " ")

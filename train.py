@@ -37,16 +37,22 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--out", default="runs/model.pt", help="checkpoint path (default: %(default)s)")
 parser.add_argument("--preset", default="cpu-small", choices=PRESETS,
                     help="model size: n_layer, n_head, d_model, context (default: %(default)s)")
-parser.add_argument("--min-freq", type=int, default=3,
+parser.add_argument("--min-freq", type=machinery.positive_int, default=3,
                     help="words seen fewer times in train become <unk> (default: %(default)s)")
 parser.add_argument("--max-vocab", type=machinery.positive_int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
-parser.add_argument("--dropout", type=float, default=0.2, help="dropout (default: %(default)s)")
+parser.add_argument("--dropout", type=machinery.finite_float(0, 1, high_open=True), default=0.2,
+                    help="dropout, in [0, 1) (default: %(default)s)")
 parser.add_argument("--max-iters", type=machinery.positive_int, default=600, help="optimizer steps (default: %(default)s)")
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
-parser.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine (default: %(default)s)")
-parser.add_argument("--warmup-iters", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
-parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default: %(default)s)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: %(default)s)")
+parser.add_argument("--lr", type=machinery.finite_float(0, 1, low_open=True), default=1e-3,
+                    help="peak learning rate, in (0, 1] (default: %(default)s)")
+parser.add_argument("--min-lr", type=machinery.finite_float(0), default=1e-4,
+                    help="learning rate at the end of the cosine, at most --lr (default: %(default)s)")
+parser.add_argument("--warmup-iters", type=machinery.non_negative_int, default=50,
+                    help="linear warm-up steps (default: %(default)s)")
+parser.add_argument("--weight-decay", type=machinery.finite_float(0), default=0.1,
+                    help="AdamW weight decay on matrices (default: %(default)s)")
+parser.add_argument("--grad-clip", type=machinery.finite_float(0, low_open=True), default=1.0,
+                    help="clip the gradient norm to this, > 0 (default: %(default)s)")
 parser.add_argument("--eval-interval", type=machinery.positive_int, default=100, help="steps between validations (default: %(default)s)")
 parser.add_argument("--eval-tokens", type=machinery.positive_int, default=50_000,
                     help="validation tokens per periodic check, from the start of valid (default: %(default)s)")
@@ -54,7 +60,12 @@ parser.add_argument("--seed", type=int, default=0, help="random seed (default: %
 parser.add_argument("--resume", action="store_true",
                     help="continue from --out's .last.pt: weights, optimizer, schedule step and random state")
 args = parser.parse_args()
+if args.min_lr > args.lr:
+    parser.error(f"--min-lr ({args.min_lr}) must not be above --lr ({args.lr})")
 last_path = os.path.splitext(args.out)[0] + ".last.pt"
+# what the model of a run depends on besides the config, vocabulary and corpus: --resume must be given the same
+RESUME_ARGUMENTS = ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_size", "max_iters",
+                    "eval_interval", "eval_tokens", "seed")
 
 
 def learning_rate(step):
@@ -80,18 +91,28 @@ def validation_ppl():
     return knnlm.perplexity(cache["log_p_lm"])
 
 
+def saved_so_far(best_step, best_ppl):
+    """What --out holds now, said when a run fails: this run's best model, or nothing of this run."""
+    if best_step is None:
+        return (f"nothing was saved, and {args.out} is not this run's model" if os.path.exists(args.out)
+                else "nothing was saved")
+    return f"{args.out} holds this run's best model so far (step {best_step}, valid ppl {best_ppl:.2f})"
+
+
 random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 n_layer, n_head, d_model, block_size = PRESETS[args.preset]
 # one writer of a checkpoint at a time; its directory is checked writable before any work
-with machinery.user_errors(), machinery.writing(args.out), machinery.writing(last_path):
+interrupted = f"rerun with --resume to continue from the last validation ({last_path})"
+with machinery.user_errors(interrupted), machinery.writing(args.out), machinery.writing(last_path):
     # data
     machinery.check_device(args.device)
     data_dir = machinery.resolve_corpus(args.data)
     train_path = knnlm.split_path(data_dir, "train")
     vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)
-    train = vocab.encode_file(train_path)
+    train = machinery.check_has_words(vocab.encode_file(train_path), vocab, train_path, "train on")
     corpus = {"file": train_path, "sha256": machinery.file_fingerprint(train_path)}
-    valid = vocab.encode_file(knnlm.split_path(data_dir, "valid"))[:args.eval_tokens]
+    valid_path = knnlm.split_path(data_dir, "valid")
+    valid = machinery.check_has_words(vocab.encode_file(valid_path), vocab, valid_path, "validate on")[:args.eval_tokens]
     if len(train) < block_size + 2 or len(valid) < 2:
         raise knnlm.KnnlmError(f"{data_dir}: train has {len(train)} tokens and valid {len(valid)}; "
                                f"training needs more than the context of {block_size} tokens")
@@ -109,16 +130,19 @@ with machinery.user_errors(), machinery.writing(args.out), machinery.writing(las
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
-    first_step, best_ppl = 0, math.inf
+    first_step, best_ppl, best_step = 0, math.inf, None
     if args.resume:
         _, last_vocab, last = machinery.load_checkpoint(last_path, args.device)
-        machinery.check_same({"config": asdict(cfg), "vocab": machinery.vocab_fingerprint(vocab), "corpus": corpus["sha256"]},
+        machinery.check_same({"config": asdict(cfg), "vocab": machinery.vocab_fingerprint(vocab), "corpus": corpus["sha256"],
+                              **{f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUME_ARGUMENTS}},
                              {"config": last["config"], "vocab": machinery.vocab_fingerprint(last_vocab),
-                              "corpus": last["corpus"]["sha256"]},
+                              "corpus": last["corpus"]["sha256"],
+                              **{f"--{name.replace('_', '-')}": last["args"].get(name) for name in RESUME_ARGUMENTS}},
                              "these arguments", last_path)
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         first_step, best_ppl = last["step"], last["best_ppl"]
+        best_step = last.get("best_step", first_step if math.isfinite(best_ppl) else None)  # (older .last.pt files)
         torch.set_rng_state(last["rng"])
         if "cuda_rng" in last:
             torch.cuda.set_rng_state_all(last["cuda_rng"])
@@ -132,6 +156,9 @@ with machinery.user_errors(), machinery.writing(args.out), machinery.writing(las
             group["lr"] = learning_rate(step)
         x, y = random_batch()
         loss = F.cross_entropy(model(x).view(-1, len(vocab)), y.view(-1))
+        if not torch.isfinite(loss):
+            raise knnlm.KnnlmError(f"the training loss is {loss.item()} at step {step + 1} (the run diverged: try a "
+                                   f"lower --lr than {args.lr}); " + saved_so_far(best_step, best_ppl))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -141,13 +168,15 @@ with machinery.user_errors(), machinery.writing(args.out), machinery.writing(las
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
             ppl = validation_ppl()
             if ppl < best_ppl:
-                best_ppl = ppl
+                best_ppl, best_step = ppl, step + 1
                 machinery.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
             cuda_rng = {"cuda_rng": torch.cuda.get_rng_state_all()} if args.device.startswith("cuda") else {}
-            machinery.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl, corpus=corpus,
+            machinery.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl,
+                                      best_step=best_step, corpus=corpus,
                                   optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **cuda_rng, args=vars(args))
             tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, valid ppl {ppl:.2f} "
                        f"(best {best_ppl:.2f}), {time.time() - start:.0f}s")
-    if not os.path.isfile(args.out):  # every validation perplexity was NaN
-        raise knnlm.KnnlmError("no checkpoint saved: the validation perplexity was never finite")
-    print(f"best valid perplexity {best_ppl:.2f} (on the first {len(valid):,} valid tokens), saved to {args.out}")
+    if best_step is None:  # every validation perplexity was NaN or infinite
+        raise knnlm.KnnlmError("the validation perplexity was never finite: " + saved_so_far(best_step, best_ppl))
+    print(f"best valid perplexity {best_ppl:.2f} at step {best_step} (on the first {len(valid):,} valid tokens), "
+          f"saved to {args.out}")

@@ -149,8 +149,15 @@ def wikitext_queries(model, tokens, key_type, n=1024):
 
 
 def end_to_end(model, vocab, data_dir, datastore, results_path):
-    """Test perplexity of kNN-LM with each search, at the tuned λ and temperature of the results file."""
-    results = machinery.read_json(results_path)
+    """Test perplexity of kNN-LM with each search, at the tuned λ and temperature of the results file,
+    written into it (its writer's lock held) with what it was measured with."""
+    with machinery.writing(results_path):
+        return measure_backends(model, vocab, data_dir, datastore, results_path)
+
+
+def measure_backends(model, vocab, data_dir, datastore, results_path):
+    results = machinery.read_json(results_path, {"lambda": (int, float), "temperature": (int, float),
+                                                 "min_context": int})
     tokens = vocab.encode_file(knnlm.split_path(data_dir, "test"))
     device = next(model.parameters()).device
     rows = {}
@@ -166,7 +173,10 @@ def end_to_end(model, vocab, data_dir, datastore, results_path):
         print(name, rows[name], flush=True)
         del cache
     results["backends"] = {**rows, "setting": f"k={K}, λ={results['lambda']}, T={results['temperature']}, test split, "
-                                              "command: python -m bench.index"}
+                                              "command: python -m bench.index",
+                           "measured_with": machinery.measured_with(machinery.fingerprint(model, vocab), datastore, K,
+                                                                    results["lambda"], results["temperature"],
+                                                                    results["min_context"])}
     machinery.write_json(results, results_path)
     return rows
 

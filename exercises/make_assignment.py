@@ -160,7 +160,9 @@ def make_assignment(out_dir, names, root=ROOT):
     unknown = [n for n in names if n not in EXERCISES]
     if unknown:
         raise SystemExit(f"no exercise {', '.join(unknown)}; the exercises: {', '.join(EXERCISES)}")
-    if os.path.exists(out_dir) and os.listdir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"{out_dir} is a file: the copy goes into a new or empty directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise SystemExit(f"{out_dir} exists and is not empty")
     if os.path.commonpath([os.path.realpath(out_dir), os.path.realpath(root)]) == os.path.realpath(root):
         raise SystemExit(f"{out_dir} is inside the project: write the copy elsewhere")
@@ -194,7 +196,10 @@ def main(argv=None):
     if args.out_dir is None:
         p.error("OUT_DIR is required (or --list)")
     names = args.only or list(EXERCISES)
-    found = make_assignment(args.out_dir, names)
+    try:
+        found = make_assignment(args.out_dir, names)
+    except OSError as e:
+        raise SystemExit(f"cannot write the copy to {args.out_dir}: {e.strerror or e}") from None
     print(f"wrote {args.out_dir}: {MODULE} with {', '.join(names)} to write; "
           f"{ASSIGNMENT_FILE} says how each is graded")
     for path, line in found:

@@ -21,9 +21,25 @@ RESULTS = os.path.join(ROOT, "experiments", "results")
 KS = [2 ** i for i in range(11)]                          # 1, 2, 4, ..., 1024 (λ and T: knnlm.LAMBDAS, TEMPERATURES)
 
 
+class Parser(argparse.ArgumentParser):
+    """An analysis's flags, checked before any work: --out must be a directory that can be written."""
+
+    def parse_args(self, *a, **kw):
+        args = super().parse_args(*a, **kw)
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            self.error(f"--out {args.out} is a file, not a directory")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            self.error(f"--out {args.out}: cannot make the directory: {e.strerror}")
+        if not os.access(args.out, os.W_OK):
+            self.error(f"--out {args.out}: cannot write there")
+        return args
+
+
 def parser(doc, split="valid"):
-    p = argparse.ArgumentParser(prog=program(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "device")])
+    p = Parser(prog=program(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+               parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "device")])
     machinery.backend_argument(p, choices=("auto", "torch", "ext"))  # the analyses search exactly
     p.add_argument("--split", default=split, choices=knnlm.SPLITS, help="split to analyse (default: %(default)s)")
     p.add_argument("--cache-dir", default="runs/cache",
@@ -53,9 +69,12 @@ def exact_backend(args, datastore):
 def build_datastore(args, data, out, key_type="ffn_in_ln"):
     """Build (or finish) a datastore with build_datastore.py, as a user would, unless it is there."""
     if not os.path.isfile(os.path.join(out, "meta.json")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "build_datastore.py"), "--data", data,
-                        "--checkpoint", args.checkpoint, "--key-type", key_type, "--out", out,
-                        "--device", args.device], check=True)
+        built = subprocess.run([sys.executable, os.path.join(ROOT, "build_datastore.py"), "--data", data,
+                                "--checkpoint", args.checkpoint, "--key-type", key_type, "--out", out,
+                                "--device", args.device])
+        if built.returncode != 0:
+            raise knnlm.KnnlmError(f"building the datastore {out} of {data} failed (build_datastore.py exited with "
+                                   f"{built.returncode}; its message is above)")
 
 
 def cached(args, prefix, key, compute):
@@ -63,8 +82,12 @@ def cached(args, prefix, key, compute):
     depends on (key, checked again when loaded), so later calls (any analysis, any rerun) load it."""
     path = os.path.join(args.cache_dir, f"{prefix}-{hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt")
     if os.path.isfile(path):
-        found = torch.load(path)
-        if found["key"] == key:
+        try:
+            found = torch.load(path)
+        except Exception as e:  # a cache cut short (a full disk, a copy): computed again
+            print(f"{prefix}: the cache {path} is unreadable ({type(e).__name__}), computing it again")
+            found = {}
+        if found.get("key") == key:
             print(f"{prefix}: cached in {path}")
             return found
     result = {**compute(), "key": key}
@@ -79,7 +102,7 @@ def cached_pass(args, model, vocab, datastore, data_dir, split=None):
     split = split or args.split
     path = knnlm.split_path(data_dir, split)
     with machinery.user_errors():
-        machinery.check_not_built_from(datastore, path)
+        machinery.check_not_built_from(datastore, [path])
     key = {"model": machinery.fingerprint(model, vocab), "text": machinery.file_fingerprint(path), "k": args.k,
            "datastore": {f: getattr(datastore.meta, f) for f in ("count", "key_type", "source", "model_fingerprint")}}
 

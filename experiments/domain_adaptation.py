@@ -59,7 +59,7 @@ with machinery.user_errors():
         raw = args.raw or [fetch_fortunes("runs/raw/fortunes")]
         counts = to_wikitext.convert(raw, args.target_data, args.separator)
         print(f"wrote {args.target_data} from {' '.join(raw)}: {counts}")
-common.build_datastore(args, args.target_data, args.target_datastore)
+    common.build_datastore(args, args.target_data, args.target_datastore)
 
 target_name = os.path.basename(os.path.normpath(args.target_data))
 numbers = {"target_data": args.target_data, "k": args.k, "datastores": {}}

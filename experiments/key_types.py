@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import knnlm  # noqa: E402
+import machinery  # noqa: E402
 from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
@@ -25,7 +26,8 @@ args = p.parse_args()
 rows = []
 for key_type in args.key_types:
     path = args.datastore if key_type == "ffn_in_ln" else f"{args.datastore}-{key_type}"
-    common.build_datastore(args, args.data, path, key_type)
+    with machinery.user_errors():
+        common.build_datastore(args, args.data, path, key_type)
     model, vocab, datastore, data_dir = common.load(args, path)
     if datastore.meta.key_type != key_type:
         sys.exit(f"error: {path} holds {datastore.meta.key_type} keys, not {key_type}")

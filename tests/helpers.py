@@ -1,5 +1,6 @@
 """Shared by the tests: tiny corpora, tiny models, running the scripts as a user does."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,3 +62,10 @@ def write_datastore(path, keys, vocab_size=100, seed=0, **fields):
             "vocab_size": vocab_size, "min_context": 8, "block_size": 16, "source": None, **fields}
     machinery.Manifest(**meta).write(str(path))
     return machinery.DiskDatastore(str(path))
+
+
+def default_sigint():
+    """preexec_fn of a child the test will send SIGINT: the signal at its default disposition, so that Python
+    turns it into KeyboardInterrupt even when the suite runs in a background job, which starts with SIGINT
+    ignored and passes that on through exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,7 +15,7 @@ import torch
 
 import knnlm
 import machinery
-from helpers import ROOT, run, tiny_model, write_corpus
+from helpers import ROOT, default_sigint, run, tiny_model, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_non_utf8_text(setup, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--k", "0", "--k must be positive"),
-    ("--k", "-3", "--k must be positive"),
+    ("--k", "0", "argument --k: must be a positive integer, got 0"),
+    ("--k", "-3", "argument --k: must be a positive integer, got -3"),
     ("--k", "100000", "larger than the datastore"),
     ("--lambda", "1.5", "--lambda must be in [0, 1]"),
     ("--lambda", "-0.1", "--lambda must be in [0, 1]"),
@@ -224,7 +224,7 @@ def test_interrupted_datastore_build_resumes_to_identical_files(slow_build, tmp_
     out = tmp_path / "ds"
     command = [sys.executable, os.path.join(ROOT, "build_datastore.py"), *map(str, args), "--out", str(out)]
     with open(tmp_path / "log", "w") as log:  # a file, not a pipe: a full pipe would block the child
-        proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=log)
+        proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=log, preexec_fn=default_sigint)
     while not (out / "progress.json").exists() or json.load(open(out / "progress.json"))["rows"] < 1000:
         assert proc.poll() is None, "the build ended before it could be interrupted"
         time.sleep(0.01)
