@@ -28,33 +28,33 @@ from contextlib import nullcontext
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import files, corpora, checkpoints, faiss_index, datastores, cli
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[machinery.arguments("data", "checkpoint", "min_context", "batch_size", "device")])
+                                 parents=[cli.arguments("data", "checkpoint", "min_context", "batch_size", "device")])
 parser.add_argument("--split", default="train", choices=knnlm.SPLITS, help="split to store (default: %(default)s)")
 parser.add_argument("--out", default="runs/datastore", help="datastore directory (default: %(default)s)")
 parser.add_argument("--key-type", default="ffn_in_ln", choices=knnlm.KEY_TYPES,
                     help="which hidden state is the key: " + "; ".join(f"{k}: {v}" for k, v in knnlm.KEY_TYPES.items()))
-parser.add_argument("--commit-seconds", type=machinery.finite_float(0), default=10.0,
+parser.add_argument("--commit-seconds", type=cli.finite_float(0), default=10.0,
                     help="save progress this often; an interrupted build loses at most this much (default: %(default)s)")
 parser.add_argument("--index", action="store_true", help="also build the FAISS index of the datastore")
 parser.add_argument("--factory", default=None,
                     help="FAISS index factory string (default: the paper's IVF-PQ scaled to the datastore, "
                          "e.g. IVF512,PQ128x4fs for 0.5 M keys; IVF4096,PQ64 is the paper's own)")
-parser.add_argument("--train-size", type=machinery.positive_int, default=None,
-                    help=f"keys sampled to train the index (default: {machinery.INDEX_TRAIN_SIZE:,} as in the paper, "
+parser.add_argument("--train-size", type=cli.positive_int, default=None,
+                    help=f"keys sampled to train the index (default: {faiss_index.INDEX_TRAIN_SIZE:,} as in the paper, "
                          "or fewer when k-means would not use them all)")
-parser.add_argument("--index-shards", type=machinery.positive_int, default=None,
+parser.add_argument("--index-shards", type=cli.positive_int, default=None,
                     help="add the keys to the index in this many shards (default: one per torchrun process)")
-parser.add_argument("--estimate", nargs=2, type=machinery.positive_int, metavar=("N", "D"),
+parser.add_argument("--estimate", nargs=2, type=cli.positive_int, metavar=("N", "D"),
                     help="only print the disk and memory a datastore of N keys of dimension D and its index need")
 args = parser.parse_args()
 
 if args.estimate:
-    with machinery.user_errors():
+    with cli.user_errors():
         n, d = args.estimate
-        factory, needs = machinery.index_estimate(n, d, args.factory, args.train_size)
+        factory, needs = faiss_index.index_estimate(n, d, args.factory, args.train_size)
     print(f"{n:,} keys of dimension {d}, index {factory}:")
     for what, size in needs.items():
         print(f"  {size / 1e9:10.2f} GB  {what}")
@@ -68,28 +68,28 @@ barrier = torch.distributed.barrier if world > 1 else lambda: None
 
 # rank 0 holds the lock of --out for the whole job: a second build into it is refused at once
 interrupted = "rerun the same command to continue where it stopped"
-with machinery.user_errors(interrupted), machinery.writing(args.out, directory=True) if rank == 0 else nullcontext():
-    model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
+with cli.user_errors(interrupted), files.writing(args.out, directory=True) if rank == 0 else nullcontext():
+    model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
-    path = knnlm.split_path(machinery.resolve_corpus(args.data), args.split)
+    path = knnlm.split_path(corpora.resolve_corpus(args.data), args.split)
     tokens = vocab.encode_file(path)
     print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}")
-    source = {"file": os.path.realpath(path), "split": args.split, "sha256": machinery.file_fingerprint(path),
-              "tokens_sha256": machinery.text_fingerprint(path)}
-    meta = machinery.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type,
+    source = {"file": os.path.realpath(path), "split": args.split, "sha256": corpora.file_fingerprint(path),
+              "tokens_sha256": corpora.text_fingerprint(path)}
+    meta = datastores.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type,
                                      min_context=min_context, batch_size=args.batch_size, source=source,
                                      commit_seconds=args.commit_seconds, shard=rank, shards=world, barrier=barrier)
     if rank == 0:
         print(f"wrote {meta.count:,} keys ({args.key_type}) to {args.out}")
     if args.index:
-        datastore = machinery.DiskDatastore(args.out)
-        plan = machinery.plan_index(datastore, args.factory, args.train_size, args.index_shards or world)
+        datastore = datastores.DiskDatastore(args.out)
+        plan = faiss_index.plan_index(datastore, args.factory, args.train_size, args.index_shards or world)
         if rank == 0:
-            machinery.train_index(datastore, plan)
+            faiss_index.train_index(datastore, plan)
         barrier()
         for shard in range(rank, plan["shards"], world):
-            machinery.add_shard(datastore, plan, shard)
+            faiss_index.add_shard(datastore, plan, shard)
         barrier()
         if rank == 0:
-            machinery.merge_index(datastore, plan)
+            faiss_index.merge_index(datastore, plan)
             print(f"wrote the index {plan['factory']} of {args.out} ({plan['shards']} shards)")

@@ -19,20 +19,20 @@ from contextlib import ExitStack
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import files, corpora, checkpoints, datastores, cli
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "lambda",
+                                 parents=[cli.arguments("data", "checkpoint", "datastore", "k", "lambda",
                                                               "temperature", "nprobe", "min_context", "batch_size",
                                                               "device")])
 parser.add_argument("--split", default="test", choices=knnlm.SPLITS, help="split to evaluate (default: %(default)s)")
-machinery.backend_argument(parser)
+cli.backend_argument(parser)
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                     help="faiss: re-rank the retrieved neighbours by exact distances from the float16 keys "
                          "(default: on, as in the paper)")
 parser.add_argument("--tune", action="store_true",
                     help="choose λ and temperature on the valid split, then evaluate --split with them")
-parser.add_argument("--max-tokens", type=machinery.positive_int, default=None,
+parser.add_argument("--max-tokens", type=cli.positive_int, default=None,
                     help="score only the first N tokens of each split (default: all of them)")
 parser.add_argument("--results", default=None, help="also write valid and test perplexities to this JSON file")
 parser.add_argument("--verify", action="store_true",
@@ -42,34 +42,34 @@ parser.add_argument("--allow-eval-split-datastore", action="store_true",
                     help="evaluate a split the datastore was built from (refused by default: every token "
                          "finds itself among its neighbours, and the perplexity means nothing)")
 args = parser.parse_args()
-machinery.check_knnlm_arguments(parser, args)
+cli.check_knnlm_arguments(parser, args)
 
 start = time.time()
 outputs = ExitStack()  # the results file: checked, and locked against a second writer, before any work
-with machinery.user_errors(interrupted="nothing was written; rerun the same command"):
+with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.results:
-        outputs.enter_context(machinery.writing(args.results))
-        earlier = machinery.read_json(args.results, {}) if os.path.isfile(args.results) else {}
-    model, vocab, ckpt = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
-    datastore = machinery.DiskDatastore(args.datastore)
+        outputs.enter_context(files.writing(args.results))
+        earlier = files.read_json(args.results, {}) if os.path.isfile(args.results) else {}
+    model, vocab, ckpt = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
+    datastore = datastores.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
     if args.verify:
         datastore.verify()
     backend = datastore.use(args.backend, args.device, args.k, args.nprobe, args.recompute)
-    data_dir = machinery.resolve_corpus(args.data)
+    data_dir = corpora.resolve_corpus(args.data)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     splits = list(dict.fromkeys((["valid"] if args.tune or args.results else []) + [args.split]
                                 + (["test"] if args.results else [])))
     paths = {split: knnlm.split_path(data_dir, split) for split in splits}
     if not args.allow_eval_split_datastore:
-        machinery.check_not_built_from(datastore, paths.values())
+        corpora.check_not_built_from(datastore, paths.values())
     tokens = {}
     for split, path in paths.items():  # every split read and checked before the long passes
-        tokens[split] = machinery.check_has_words(vocab.encode_file(path), vocab, path, "evaluate")[
+        tokens[split] = corpora.check_has_words(vocab.encode_file(path), vocab, path, "evaluate")[
             :None if args.max_tokens is None else args.max_tokens + 1]
-search = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
+searched_by = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
           f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")
-print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), search: {search}; "
+print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), search: {searched_by}; "
       f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
@@ -82,7 +82,7 @@ def lower(ppl, lm_ppl):
 
 
 caches = {}
-with machinery.user_errors(interrupted="nothing was written; rerun the same command"):
+with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.tune or args.results:
         caches["valid"] = score("valid")
     if args.tune:
@@ -104,7 +104,7 @@ for split, cache in caches.items():
               "(λ = 1 and none of its neighbours carries it)")
 
 if args.results:
-    setting = machinery.measured_with(ckpt["fingerprint"], datastore, args.k, args.lmbda, args.temperature,
+    setting = datastores.measured_with(ckpt["fingerprint"], datastore, args.k, args.lmbda, args.temperature,
                                       min_context, args.max_tokens)
     results = {"lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
                "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
@@ -118,7 +118,7 @@ if args.results:
     elif backends is not None:
         print(f"dropped the 'backends' table of {args.results}: it was measured with another model, datastore or "
               "settings (python -m bench.index measures it again)")
-    with machinery.user_errors():
-        machinery.write_json(results, args.results)
+    with cli.user_errors():
+        files.write_json(results, args.results)
     print(f"wrote {args.results}")
 outputs.close()

@@ -12,7 +12,7 @@ kNN-LM: "Generalization through Memorization: Nearest Neighbor Language Models"
 
 Everything around the method (downloads, checkpoints, datastores on disk and their manifests,
 resumable and sharded builds, the FAISS index build pipeline, the C++/CUDA kernel, locks)
-lives in machinery.py.
+lives in the package knnlm_tools/, one module per concern.
 """
 import math
 import os
@@ -262,7 +262,7 @@ def datastore_rows(model, tokens, key_type="ffn_in_ln", min_context=None, batch_
 
 class Datastore:
     """keys [N, d] (float16) and vals [N]: the (f(c_i), w_i) of eq. 1, and how to search them.
-    Here the search is exact (section 4); machinery.DiskDatastore is one on disk, searched by
+    Here the search is exact (section 4); datastores.DiskDatastore is one on disk, searched by
     the C++/CUDA kernel or the FAISS index."""
 
     def __init__(self, keys, vals, key_type="ffn_in_ln"):
@@ -278,7 +278,7 @@ class Datastore:
 
 
 def build_datastore(model, tokens, key_type="ffn_in_ln", min_context=None, batch_size=16):
-    """The datastore of a text, in memory (machinery.build_datastore writes one to disk, resumably)."""
+    """The datastore of a text, in memory (datastores.build_datastore writes one to disk, resumably)."""
     keys, vals = zip(*datastore_rows(model, tokens, key_type, min_context, batch_size))
     return Datastore(torch.cat(keys).half(), torch.cat(vals), key_type)
 
@@ -298,7 +298,7 @@ def row_context(tokens, row, width):
 # of keys, a top-k per chunk, and a merge with the best found so far.
 # float16 keys are converted to float32 chunk by chunk (CPU fp16 matmul is slow).
 # This is the readable reference; csrc/ holds the same steps as a C++ and a CUDA
-# kernel with a cheaper selection (torch.ops.knnlm.topk_l2, machinery.py picks it).
+# kernel with a cheaper selection (torch.ops.knnlm.topk_l2; knnlm_tools/search.py picks it).
 # Equal distances go to the smaller id (here only among the k returned, as
 # torch.topk picks freely among keys tied for the k-th place).
 
@@ -378,7 +378,7 @@ def sort_neighbours(dists, ids):
 # Our default keeps that shape, with 4 sqrt(N) lists (FAISS's rule of thumb, capped
 # at the paper's 4096) and the 64 bytes spent on 128 four-bit sub-quantisers, which FAISS
 # scans with SIMD ("fast-scan"); bench/results/index-pq64.md compares it with the
-# paper's 8-bit PQ64 (`--factory IVF4096,PQ64`). machinery.py builds large indexes
+# paper's 8-bit PQ64 (`--factory IVF4096,PQ64`). knnlm_tools/faiss_index.py builds large indexes
 # in shards and resumably, from keys on disk.
 
 def default_factory(n, d):

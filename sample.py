@@ -22,34 +22,34 @@ import torch
 import torch.nn.functional as F
 
 import knnlm
-import machinery
+from knnlm_tools import corpora, checkpoints, datastores, cli
 
 CONTEXT_WORDS = 12  # words of stored text shown before a neighbour
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[machinery.arguments("checkpoint", "datastore", "k", "lambda", "temperature",
+                                 parents=[cli.arguments("checkpoint", "datastore", "k", "lambda", "temperature",
                                                               "nprobe", "device")])
 parser.add_argument("--prompt", default="", help="words to continue (default: empty, a new paragraph)")
-parser.add_argument("--tokens", type=machinery.positive_int, default=40, help="tokens to generate (default: %(default)s)")
+parser.add_argument("--tokens", type=cli.positive_int, default=40, help="tokens to generate (default: %(default)s)")
 parser.add_argument("--sample", action="store_true", help="sample from the distribution (default: greedy)")
-parser.add_argument("--top-k", type=machinery.positive_int, default=None, help="--sample: only the k likeliest tokens")
+parser.add_argument("--top-k", type=cli.positive_int, default=None, help="--sample: only the k likeliest tokens")
 parser.add_argument("--top-p", type=float, default=None,
                     help="--sample: only the likeliest tokens whose probabilities sum to p (nucleus sampling)")
 parser.add_argument("--seed", type=int, default=0, help="random seed of --sample, the same for both (default: %(default)s)")
-machinery.backend_argument(parser)
-parser.add_argument("--show-neighbours", type=machinery.positive_int, nargs="?", const=3, default=0, metavar="N",
+cli.backend_argument(parser)
+parser.add_argument("--show-neighbours", type=cli.positive_int, nargs="?", const=3, default=0, metavar="N",
                     help="for each kNN-LM token: p_LM, p_kNN, p, and its N nearest neighbours with the text "
                          "before them (default N: %(const)s)")
 args = parser.parse_args()
-machinery.check_knnlm_arguments(parser, args)
+cli.check_knnlm_arguments(parser, args)
 if args.top_p is not None and not 0 < args.top_p <= 1:
     parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
 if (args.top_k or args.top_p) and not args.sample:
     parser.error("--top-k and --top-p cut the distribution --sample draws from: add --sample")
 
-with machinery.user_errors(interrupted="nothing was generated"):
-    model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
-    datastore = machinery.DiskDatastore(args.datastore)
+with cli.user_errors(interrupted="nothing was generated"):
+    model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
+    datastore = datastores.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
     backend = datastore.use(args.backend, args.device, args.k, args.nprobe)
 prompt = [vocab.stoi[knnlm.EOS]] + [vocab.stoi.get(w, vocab.unk) for w in args.prompt.split()]
@@ -101,7 +101,7 @@ def generate(use_knn):
     return tokens[len(prompt):], steps
 
 
-with machinery.user_errors(interrupted="nothing was generated"):
+with cli.user_errors(interrupted="nothing was generated"):
     lm_tokens, _ = generate(use_knn=False)
     knn_tokens, steps = generate(use_knn=True)
 print(f"prompt: {text(prompt)}")
@@ -116,10 +116,10 @@ if source is None:
     print("(the datastore records no source text: neighbours are shown without their context)")
 elif not os.path.isfile(source["file"]):
     print(f"({source['file']}, the datastore's source, is missing: neighbours are shown without their context)")
-elif machinery.file_fingerprint(source["file"]) != source["sha256"]:
+elif corpora.file_fingerprint(source["file"]) != source["sha256"]:
     print(f"({source['file']} changed since the datastore was built: neighbours are shown without their context)")
 else:
-    with machinery.user_errors(interrupted="the neighbours' text was not shown"):
+    with cli.user_errors(interrupted="the neighbours' text was not shown"):
         source_tokens = vocab.encode_file(source["file"])
 
 for i, (token, p_lm, p_knn, p, dists, weights, ids) in enumerate(steps, 1):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import knnlm
-import machinery
+from knnlm_tools import files, corpora, checkpoints, cli
 
 PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
     "tiny": (2, 2, 32, 32),  # for tests and smoke runs
@@ -33,28 +33,28 @@ PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[machinery.arguments("data", "batch_size", "device", batch_size=8)])
+                                 parents=[cli.arguments("data", "batch_size", "device", batch_size=8)])
 parser.add_argument("--out", default="runs/model.pt", help="checkpoint path (default: %(default)s)")
 parser.add_argument("--preset", default="cpu-small", choices=PRESETS,
                     help="model size: n_layer, n_head, d_model, context (default: %(default)s)")
-parser.add_argument("--min-freq", type=machinery.positive_int, default=3,
+parser.add_argument("--min-freq", type=cli.positive_int, default=3,
                     help="words seen fewer times in train become <unk> (default: %(default)s)")
-parser.add_argument("--max-vocab", type=machinery.positive_int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
-parser.add_argument("--dropout", type=machinery.finite_float(0, 1, high_open=True), default=0.2,
+parser.add_argument("--max-vocab", type=cli.positive_int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
+parser.add_argument("--dropout", type=cli.finite_float(0, 1, high_open=True), default=0.2,
                     help="dropout, in [0, 1) (default: %(default)s)")
-parser.add_argument("--max-iters", type=machinery.positive_int, default=600, help="optimizer steps (default: %(default)s)")
-parser.add_argument("--lr", type=machinery.finite_float(0, 1, low_open=True), default=1e-3,
+parser.add_argument("--max-iters", type=cli.positive_int, default=600, help="optimizer steps (default: %(default)s)")
+parser.add_argument("--lr", type=cli.finite_float(0, 1, low_open=True), default=1e-3,
                     help="peak learning rate, in (0, 1] (default: %(default)s)")
-parser.add_argument("--min-lr", type=machinery.finite_float(0), default=1e-4,
+parser.add_argument("--min-lr", type=cli.finite_float(0), default=1e-4,
                     help="learning rate at the end of the cosine, at most --lr (default: %(default)s)")
-parser.add_argument("--warmup-iters", type=machinery.non_negative_int, default=50,
+parser.add_argument("--warmup-iters", type=cli.non_negative_int, default=50,
                     help="linear warm-up steps (default: %(default)s)")
-parser.add_argument("--weight-decay", type=machinery.finite_float(0), default=0.1,
+parser.add_argument("--weight-decay", type=cli.finite_float(0), default=0.1,
                     help="AdamW weight decay on matrices (default: %(default)s)")
-parser.add_argument("--grad-clip", type=machinery.finite_float(0, low_open=True), default=1.0,
+parser.add_argument("--grad-clip", type=cli.finite_float(0, low_open=True), default=1.0,
                     help="clip the gradient norm to this, > 0 (default: %(default)s)")
-parser.add_argument("--eval-interval", type=machinery.positive_int, default=100, help="steps between validations (default: %(default)s)")
-parser.add_argument("--eval-tokens", type=machinery.positive_int, default=50_000,
+parser.add_argument("--eval-interval", type=cli.positive_int, default=100, help="steps between validations (default: %(default)s)")
+parser.add_argument("--eval-tokens", type=cli.positive_int, default=50_000,
                     help="validation tokens per periodic check, from the start of valid (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 parser.add_argument("--resume", action="store_true",
@@ -103,16 +103,16 @@ random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 n_layer, n_head, d_model, block_size = PRESETS[args.preset]
 # one writer of a checkpoint at a time; its directory is checked writable before any work
 interrupted = f"rerun with --resume to continue from the last validation ({last_path})"
-with machinery.user_errors(interrupted), machinery.writing(args.out), machinery.writing(last_path):
+with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_path):
     # data
-    machinery.check_device(args.device)
-    data_dir = machinery.resolve_corpus(args.data)
+    cli.check_device(args.device)
+    data_dir = corpora.resolve_corpus(args.data)
     train_path = knnlm.split_path(data_dir, "train")
     vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)
-    train = machinery.check_has_words(vocab.encode_file(train_path), vocab, train_path, "train on")
-    corpus = {"file": train_path, "sha256": machinery.file_fingerprint(train_path)}
+    train = corpora.check_has_words(vocab.encode_file(train_path), vocab, train_path, "train on")
+    corpus = {"file": train_path, "sha256": corpora.file_fingerprint(train_path)}
     valid_path = knnlm.split_path(data_dir, "valid")
-    valid = machinery.check_has_words(vocab.encode_file(valid_path), vocab, valid_path, "validate on")[:args.eval_tokens]
+    valid = corpora.check_has_words(vocab.encode_file(valid_path), vocab, valid_path, "validate on")[:args.eval_tokens]
     if len(train) < block_size + 2 or len(valid) < 2:
         raise knnlm.KnnlmError(f"{data_dir}: train has {len(train)} tokens and valid {len(valid)}; "
                                f"training needs more than the context of {block_size} tokens")
@@ -132,10 +132,10 @@ with machinery.user_errors(interrupted), machinery.writing(args.out), machinery.
 
     first_step, best_ppl, best_step = 0, math.inf, None
     if args.resume:
-        _, last_vocab, last = machinery.load_checkpoint(last_path, args.device)
-        machinery.check_same({"config": asdict(cfg), "vocab": machinery.vocab_fingerprint(vocab), "corpus": corpus["sha256"],
+        _, last_vocab, last = checkpoints.load_checkpoint(last_path, args.device)
+        files.check_same({"config": asdict(cfg), "vocab": checkpoints.vocab_fingerprint(vocab), "corpus": corpus["sha256"],
                               **{f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUME_ARGUMENTS}},
-                             {"config": last["config"], "vocab": machinery.vocab_fingerprint(last_vocab),
+                             {"config": last["config"], "vocab": checkpoints.vocab_fingerprint(last_vocab),
                               "corpus": last["corpus"]["sha256"],
                               **{f"--{name.replace('_', '-')}": last["args"].get(name) for name in RESUME_ARGUMENTS}},
                              "these arguments", last_path)
@@ -169,9 +169,9 @@ with machinery.user_errors(interrupted), machinery.writing(args.out), machinery.
             ppl = validation_ppl()
             if ppl < best_ppl:
                 best_ppl, best_step = ppl, step + 1
-                machinery.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
+                checkpoints.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
             cuda_rng = {"cuda_rng": torch.cuda.get_rng_state_all()} if args.device.startswith("cuda") else {}
-            machinery.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl,
+            checkpoints.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl,
                                       best_step=best_step, corpus=corpus,
                                   optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **cuda_rng, args=vars(args))
             tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, valid ppl {ppl:.2f} "

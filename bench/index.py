@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import files, corpora, checkpoints, manifests, search, faiss_index, datastores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -57,16 +57,16 @@ def make_synthetic(path, n, d, seed=0, batch=1 << 16):
     g = torch.Generator().manual_seed(seed)
     topics = torch.randn(1000, d, generator=g) * 2
     subtopics = topics.repeat_interleave(20, 0) + torch.randn(20000, d, generator=g)
-    keys = machinery.open_npy(os.path.join(path, "keys.npy"), "w+", np.float16, (n, d))
+    keys = datastores.open_npy(os.path.join(path, "keys.npy"), "w+", np.float16, (n, d))
     for start in range(0, n, batch):
         rows = min(batch, n - start)
         chunk = subtopics[torch.randint(len(subtopics), (rows,), generator=g)] + torch.randn(rows, d, generator=g) * 0.7
         keys[start:start + rows] = chunk.half().numpy()
         keys.flush()
-        machinery.release_pages(keys)
+        files.release_pages(keys)
     del keys
     np.save(os.path.join(path, "vals.npy"), np.zeros(n, np.int64))
-    machinery.Manifest(count=n, dim=d, key_dtype="float16", key_type="ffn_in_ln", model_fingerprint=f"synthetic-{seed}",
+    manifests.Manifest(count=n, dim=d, key_dtype="float16", key_type="ffn_in_ln", model_fingerprint=f"synthetic-{seed}",
                        vocab_fingerprint="synthetic", vocab_size=1, min_context=0, block_size=0,
                        source={"synthetic": n}).write(path, progress=True)
     torch.save(subtopics[torch.randint(len(subtopics), (1024,), generator=g)] + torch.randn(1024, d, generator=g) * 0.7,
@@ -75,10 +75,10 @@ def make_synthetic(path, n, d, seed=0, batch=1 << 16):
 
 def child(args):
     """--phase build|search in a process of its own, so that its peak memory is its own."""
-    datastore = machinery.DiskDatastore(args.store)
+    datastore = datastores.DiskDatastore(args.store)
     if args.phase == "build":
         start = time.time()
-        plan = machinery.build_index(datastore, factory=args.factory, progress=False)
+        plan = faiss_index.build_index(datastore, factory=args.factory, progress=False)
         print(json.dumps({"factory": plan["factory"], "train_size": plan["train_size"],
                           "build_seconds": time.time() - start,
                           "index_bytes": os.path.getsize(os.path.join(args.store, "index.faiss")),
@@ -112,7 +112,7 @@ def run_child(*args):
 
 def bench_store(name, store, queries, nprobes, scratch, factory=None):
     """Build the index and search it in child processes; exact search here gives the truth."""
-    datastore = machinery.DiskDatastore(store)
+    datastore = datastores.DiskDatastore(store)
     query_file, truth_file = os.path.join(scratch, f"{name}-queries.pt"), os.path.join(scratch, f"{name}-truth.pt")
     torch.save(queries, query_file)
     datastore.use(exact_backend(datastore, queries.device), queries.device, K)
@@ -133,8 +133,8 @@ def bench_store(name, store, queries, nprobes, scratch, factory=None):
 
 def exact_backend(datastore, device):
     """Exact search ("auto" among the exact backends: the kernel when built, else PyTorch), however many keys
-    (datastore.use("auto") would take the FAISS index of a datastore beyond machinery.EXACT_MAX_KEYS keys)."""
-    return machinery.search_backend("auto", device, datastore.keys.device, K)
+    (datastore.use("auto") would take the FAISS index of a datastore beyond search.EXACT_MAX_KEYS keys)."""
+    return search.search_backend("auto", device, datastore.keys.device, K)
 
 
 def wikitext_queries(model, tokens, key_type, n=1024):
@@ -151,12 +151,12 @@ def wikitext_queries(model, tokens, key_type, n=1024):
 def end_to_end(model, vocab, data_dir, datastore, results_path):
     """Test perplexity of kNN-LM with each search, at the tuned λ and temperature of the results file,
     written into it (its writer's lock held) with what it was measured with."""
-    with machinery.writing(results_path):
+    with files.writing(results_path):
         return measure_backends(model, vocab, data_dir, datastore, results_path)
 
 
 def measure_backends(model, vocab, data_dir, datastore, results_path):
-    results = machinery.read_json(results_path, {"lambda": (int, float), "temperature": (int, float),
+    results = files.read_json(results_path, {"lambda": (int, float), "temperature": (int, float),
                                                  "min_context": int})
     tokens = vocab.encode_file(knnlm.split_path(data_dir, "test"))
     device = next(model.parameters()).device
@@ -174,10 +174,10 @@ def measure_backends(model, vocab, data_dir, datastore, results_path):
         del cache
     results["backends"] = {**rows, "setting": f"k={K}, λ={results['lambda']}, T={results['temperature']}, test split, "
                                               "command: python -m bench.index",
-                           "measured_with": machinery.measured_with(machinery.fingerprint(model, vocab), datastore, K,
+                           "measured_with": datastores.measured_with(checkpoints.fingerprint(model, vocab), datastore, K,
                                                                     results["lambda"], results["temperature"],
                                                                     results["min_context"])}
-    machinery.write_json(results, results_path)
+    files.write_json(results, results_path)
     return rows
 
 
@@ -234,17 +234,17 @@ def main():
         make_synthetic(store, n, args.dim)
         records.append(bench_store("synthetic", store, torch.load(os.path.join(store, "queries.pt")), args.nprobe,
                                    args.work))
-    model, vocab, _ = machinery.load_checkpoint(args.checkpoint)
-    data_dir = machinery.resolve_corpus(args.data)
-    datastore = machinery.DiskDatastore(args.datastore)
+    model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint)
+    data_dir = corpora.resolve_corpus(args.data)
+    datastore = datastores.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab)
     queries = wikitext_queries(model, vocab.encode_file(knnlm.split_path(data_dir, "test")), datastore.key_type)
     for factory in args.factories:  # each rebuilds the datastore's index
         records.append(bench_store("WikiText-103-small", args.datastore, queries, args.nprobe, args.work, factory))
-    rows = {} if args.no_end_to_end else end_to_end(model, vocab, data_dir, machinery.DiskDatastore(args.datastore),
+    rows = {} if args.no_end_to_end else end_to_end(model, vocab, data_dir, datastores.DiskDatastore(args.datastore),
                                                       args.results)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    machinery.write_json({"machine": machine, "command": "python -m bench.index " + " ".join(sys.argv[1:]),
+    files.write_json({"machine": machine, "command": "python -m bench.index " + " ".join(sys.argv[1:]),
                       "records": records, "end_to_end": rows}, os.path.join(HERE, "results", f"{args.out}.json"))
     with open(os.path.join(HERE, "results", f"{args.out}.md"), "w") as f:
         f.write(markdown(records, rows, machine))

@@ -19,7 +19,7 @@ import faiss
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import files, search
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--N", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -37,7 +37,7 @@ parser.add_argument("--name", default="search", help="results go to OUT/NAME.jso
 args = parser.parse_args()
 if args.quick:
     args.N = [100_000]
-if machinery.knnlm_ext is None:
+if search.knnlm_ext is None:
     sys.exit("knnlm_ext is not built: pip install --no-build-isolation -e .")
 torch.set_num_threads(args.threads)
 faiss.omp_set_num_threads(args.threads)
@@ -89,10 +89,10 @@ for N in args.N:
                 queries = queries_all[:B].contiguous()
                 for k in args.k:
                     run = {
-                        "ext": lambda: machinery.topk_l2(queries, keys, k, key_norms, backend="ext"),
-                        "ext-fp16": lambda: machinery.topk_l2(queries, keys16, k, norms16, backend="ext"),
+                        "ext": lambda: search.topk_l2(queries, keys, k, key_norms, backend="ext"),
+                        "ext-fp16": lambda: search.topk_l2(queries, keys16, k, norms16, backend="ext"),
                         "faiss": lambda: index.search(queries.numpy(), k),
-                        "torch": lambda: machinery.topk_l2(queries, keys, k, key_norms, backend="torch"),
+                        "torch": lambda: search.topk_l2(queries, keys, k, key_norms, backend="torch"),
                     }
                     best = {m: float("inf") for m in args.methods}
                     for _ in range(args.repeats):
@@ -135,7 +135,7 @@ command = " ".join(["python -m bench.search"] + sys.argv[1:])
 machine = (f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
            f"faiss {faiss.__version__}, float32 GEMM peak {peak:.0f} GFLOP/s")
 os.makedirs(args.out, exist_ok=True)
-machinery.write_json({"machine": machine, "gemm_peak_gflops": round(peak, 1), "command": command,
+files.write_json({"machine": machine, "gemm_peak_gflops": round(peak, 1), "command": command,
                       "records": records}, os.path.join(args.out, args.name + ".json"))
 with open(os.path.join(args.out, args.name + ".md"), "w") as f:
     f.write(f"`{command}` on {machine}. Best of {args.repeats} interleaved runs.\n\n")

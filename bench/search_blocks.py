@@ -16,7 +16,7 @@ import faiss
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import search
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--N", type=int, default=200_000)
@@ -28,7 +28,7 @@ parser.add_argument("--blocks", nargs="+", default=["512x512", "2048x1024", "768
 parser.add_argument("--rounds", type=int, default=6)
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 args = parser.parse_args()
-if machinery.knnlm_ext is None:
+if search.knnlm_ext is None:
     sys.exit("knnlm_ext is not built: pip install --no-build-isolation -e .")
 torch.set_num_threads(args.threads)
 faiss.omp_set_num_threads(args.threads)

@@ -54,7 +54,7 @@ import matplotlib.pyplot as plt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.path.abspath("..")
 sys.path.insert(0, ROOT)
 import knnlm
-import machinery
+from knnlm_tools import corpora
 
 QUICK = os.environ.get("KNNLM_WALKTHROUGH_QUICK") == "1"
 DATA = os.environ.get("KNNLM_DATA", os.path.join(ROOT, "..", "shared", "data", "wikitext-103-small"))
@@ -87,7 +87,7 @@ def show(fig, name):
 # `<unk>`), and both splits become tensors of word ids.
 
 # %%
-data_dir = machinery.resolve_corpus(DATA)
+data_dir = corpora.resolve_corpus(DATA)
 vocab = knnlm.Vocab.build(knnlm.split_path(data_dir, "train"), min_freq=3, max_size=3_000)
 train = vocab.encode_file(knnlm.split_path(data_dir, "train"))[:TRAIN_TOKENS]
 valid = vocab.encode_file(knnlm.split_path(data_dir, "valid"))[:VALID_TOKENS]

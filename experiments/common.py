@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import knnlm
-import machinery
+from knnlm_tools import files, corpora, checkpoints, search, datastores, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -39,8 +39,8 @@ class Parser(argparse.ArgumentParser):
 
 def parser(doc, split="valid"):
     p = Parser(prog=program(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-               parents=[machinery.arguments("data", "checkpoint", "datastore", "k", "device")])
-    machinery.backend_argument(p, choices=("auto", "torch", "ext"))  # the analyses search exactly
+               parents=[cli.arguments("data", "checkpoint", "datastore", "k", "device")])
+    cli.backend_argument(p, choices=("auto", "torch", "ext"))  # the analyses search exactly
     p.add_argument("--split", default=split, choices=knnlm.SPLITS, help="split to analyse (default: %(default)s)")
     p.add_argument("--cache-dir", default="runs/cache",
                    help="where the cached passes are kept (default: %(default)s)")
@@ -51,19 +51,19 @@ def parser(doc, split="valid"):
 def load(args, datastore=None):
     """-> (model, vocab, datastore, the corpus directory) from the common options, checked; the
     datastore is searched exactly, by --backend."""
-    with machinery.user_errors():
-        model, vocab, _ = machinery.load_checkpoint(args.checkpoint, machinery.check_device(args.device))
-        datastore = machinery.DiskDatastore(datastore or args.datastore)
+    with cli.user_errors():
+        model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
+        datastore = datastores.DiskDatastore(datastore or args.datastore)
         datastore.check_model(model, vocab, args.checkpoint)
         datastore.use(exact_backend(args, datastore), args.device, args.k)
-        data_dir = machinery.resolve_corpus(args.data)
+        data_dir = corpora.resolve_corpus(args.data)
     return model, vocab, datastore, data_dir
 
 
 def exact_backend(args, datastore):
     """The exact search backend (--backend) for this datastore: the kernel when built, else PyTorch.
     (Not datastore.use(args.backend, ...) alone: its "auto" may pick the FAISS index of a large datastore.)"""
-    return machinery.search_backend(args.backend, args.device, datastore.keys.device, args.k)
+    return search.search_backend(args.backend, args.device, datastore.keys.device, args.k)
 
 
 def build_datastore(args, data, out, key_type="ffn_in_ln"):
@@ -92,7 +92,7 @@ def cached(args, prefix, key, compute):
             return found
     result = {**compute(), "key": key}
     os.makedirs(args.cache_dir, exist_ok=True)
-    with machinery.atomic_write(path) as tmp:
+    with files.atomic_write(path) as tmp:
         torch.save(result, tmp)
     return result
 
@@ -101,9 +101,9 @@ def cached_pass(args, model, vocab, datastore, data_dir, split=None):
     """score_split over a split (p_LM, the neighbours and the query keys of every token), cached."""
     split = split or args.split
     path = knnlm.split_path(data_dir, split)
-    with machinery.user_errors():
-        machinery.check_not_built_from(datastore, [path])
-    key = {"model": machinery.fingerprint(model, vocab), "text": machinery.file_fingerprint(path), "k": args.k,
+    with cli.user_errors():
+        corpora.check_not_built_from(datastore, [path])
+    key = {"model": checkpoints.fingerprint(model, vocab), "text": corpora.file_fingerprint(path), "k": args.k,
            "datastore": {f: getattr(datastore.meta, f) for f in ("count", "key_type", "source", "model_fingerprint")}}
 
     def compute():
@@ -157,6 +157,6 @@ def save(args, name, numbers, fig):
     """Write experiments/results/<name>.json (with the command that made it) and <name>.png."""
     os.makedirs(args.out, exist_ok=True)
     numbers = {**numbers, "command": command(), "machine": machine()}
-    machinery.write_json(numbers, os.path.join(args.out, f"{name}.json"))  # inf (λ = 1: a token without neighbour) -> null
+    files.write_json(numbers, os.path.join(args.out, f"{name}.json"))  # inf (λ = 1: a token without neighbour) -> null
     fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120, bbox_inches="tight")
     print(f"wrote {os.path.join(args.out, name)}.json and .png")

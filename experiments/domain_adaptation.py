@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import knnlm  # noqa: E402
-import machinery  # noqa: E402
+from knnlm_tools import corpora, cli  # noqa: E402
 from experiments import common, to_wikitext  # noqa: E402
 
 p = common.parser(__doc__)
@@ -54,7 +54,7 @@ def fetch_fortunes(dest):
     return files
 
 
-with machinery.user_errors():
+with cli.user_errors():
     if not all(os.path.isfile(knnlm.split_path(args.target_data, s)) for s in knnlm.SPLITS):
         raw = args.raw or [fetch_fortunes("runs/raw/fortunes")]
         counts = to_wikitext.convert(raw, args.target_data, args.separator)
@@ -73,7 +73,7 @@ def tuned_curves(label, valid):
 
 for name, path in {"WikiText train": args.datastore, f"{target_name} train": args.target_datastore}.items():
     model, vocab, datastore, _ = common.load(args, path)
-    target = machinery.resolve_corpus(args.target_data)
+    target = corpora.resolve_corpus(args.target_data)
     valid = common.cached_pass(args, model, vocab, datastore, target, "valid")
     test = common.cached_pass(args, model, vocab, datastore, target, "test")
     _, tuned, tuned_T = tuned_curves(f"{target_name} valid, {name} datastore", valid)

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import knnlm  # noqa: E402
-import machinery  # noqa: E402
+from knnlm_tools import cli  # noqa: E402
 from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
@@ -27,7 +27,7 @@ p.add_argument("--exact-sample", type=int, default=8192,
                help="queries timed with exact search (its perplexity is the cached pass's) (default: %(default)s)")
 args = p.parse_args()
 model, vocab, datastore, data_dir = common.load(args)
-with machinery.user_errors():  # before the (long) pass: is there an index, and is it this datastore's?
+with cli.user_errors():  # before the (long) pass: is there an index, and is it this datastore's?
     datastore.load_index()
 cache = common.cached_pass(args, model, vocab, datastore, data_dir)
 lm_ppl = knnlm.perplexity(cache["log_p_lm"])
@@ -47,7 +47,7 @@ numbers = {"split": args.split, "k": args.k, "lambda": lmbda, "temperature": T, 
            "exact": {"ppl": ppl(cache), "queries_per_second": len(sample) / seconds}, "faiss": []}
 for recompute in (False, True):
     for nprobe in args.nprobes:
-        with machinery.user_errors():
+        with cli.user_errors():
             datastore.use("faiss", args.device, args.k, nprobe=nprobe, recompute=recompute)
         dists, vals, seconds = common.search_all(datastore, cache["queries"], args.k,
                                                  desc=f"nprobe {nprobe}{', recompute' if recompute else ''}")

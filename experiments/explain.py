@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import knnlm  # noqa: E402
-import machinery  # noqa: E402
+from knnlm_tools import corpora, cli  # noqa: E402
 from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
@@ -46,8 +46,8 @@ if args.lmbda is None or args.temperature is None:  # the setting tuned on valid
     args.temperature = tuned["temperature"] if args.temperature is None else args.temperature
 tokens = vocab.encode_file(knnlm.split_path(data_dir, args.split))  # cache row j is the target tokens[j + 1]
 source = datastore.meta.source
-with machinery.user_errors():
-    if machinery.file_fingerprint(source["file"]) != source["sha256"]:
+with cli.user_errors():
+    if corpora.file_fingerprint(source["file"]) != source["sha256"]:
         raise knnlm.KnnlmError(f"{source['file']} changed since the datastore was built from it")
     if args.position and not all(0 <= i < len(cache["targets"]) for i in args.position):
         raise knnlm.KnnlmError(f"--position must be in [0, {len(cache['targets'])}) for {args.split}")

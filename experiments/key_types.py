@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import knnlm  # noqa: E402
-import machinery  # noqa: E402
+from knnlm_tools import cli  # noqa: E402
 from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
@@ -26,7 +26,7 @@ args = p.parse_args()
 rows = []
 for key_type in args.key_types:
     path = args.datastore if key_type == "ffn_in_ln" else f"{args.datastore}-{key_type}"
-    with machinery.user_errors():
+    with cli.user_errors():
         common.build_datastore(args, args.data, path, key_type)
     model, vocab, datastore, data_dir = common.load(args, path)
     if datastore.meta.key_type != key_type:

@@ -21,23 +21,23 @@ from sacremoses import MosesTokenizer
 from tqdm import tqdm
 
 import knnlm
-import machinery
+from knnlm_tools import files, cli
 
 NUMBER_SEPARATOR = re.compile(r"(?<=\d)([,.])(?=\d)")
 
 
 def documents(paths, separator=None):
     """Yield each document of the files (directories: the regular files inside, sorted) as a list of paragraphs."""
-    files = []
+    texts = []
     for path in paths:
         if os.path.isdir(path):
-            files += sorted(os.path.join(path, f) for f in os.listdir(path)
+            texts += sorted(os.path.join(path, f) for f in os.listdir(path)
                             if os.path.isfile(os.path.join(path, f)) and not os.path.islink(os.path.join(path, f)))
         elif os.path.isfile(path):
-            files.append(path)
+            texts.append(path)
         else:
             raise knnlm.KnnlmError(f"no such file or directory: {path}")
-    for file in files:
+    for file in texts:
         try:
             with open(file, encoding="utf-8") as f:
                 text = f.read()
@@ -68,7 +68,7 @@ def convert(paths, out_dir, separator=None, valid=0.05, test=0.05, seed=0, lang=
     tokenizer = MosesTokenizer(lang=lang)
     os.makedirs(out_dir, exist_ok=True)
     for split, split_docs in splits.items():
-        with machinery.atomic_write(knnlm.split_path(out_dir, split)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with files.atomic_write(knnlm.split_path(out_dir, split)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for doc in tqdm(split_docs, desc=f"{split} (tokenising)", unit="doc"):
                 f.write(" \n")  # WikiText: a blank line before each article
                 f.writelines(wikitext_line(p, tokenizer) for p in doc)
@@ -87,6 +87,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not (0 < args.valid < 1 and 0 < args.test < 1 and args.valid + args.test < 1):
         parser.error("--valid and --test must be fractions in (0, 1) with room left for train")
-    with machinery.user_errors():
+    with cli.user_errors():
         counts = convert(args.paths, args.out, args.separator, args.valid, args.test, args.seed, args.lang)
     print(f"wrote {args.out}: " + ", ".join(f"{split} {n:,} documents" for split, n in counts.items()))

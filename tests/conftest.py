@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import datastores
 from helpers import WORDS, tiny_model
 
 
@@ -14,6 +14,6 @@ def built(tmp_path):
     vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK] + WORDS[:18])
     tokens = torch.from_numpy(np.random.default_rng(0).integers(0, len(vocab), size=300))
     model = tiny_model(len(vocab))
-    meta = machinery.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4,
+    meta = datastores.build_datastore(model, vocab, tokens, str(tmp_path / "ds"), min_context=6, batch_size=4,
                                      progress=False)
-    return model, vocab, tokens, machinery.DiskDatastore(str(tmp_path / "ds")), meta
+    return model, vocab, tokens, datastores.DiskDatastore(str(tmp_path / "ds")), meta

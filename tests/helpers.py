@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import manifests, datastores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the cat sat on a mat and the dog ran to the park while it rained on the town".split()
@@ -60,8 +60,8 @@ def write_datastore(path, keys, vocab_size=100, seed=0, **fields):
     meta = {"count": len(keys), "dim": keys.shape[1], "key_dtype": str(keys.dtype), "key_type": "ffn_in_ln",
             "model_fingerprint": "0123456789abcdef", "vocab_fingerprint": "fedcba9876543210",
             "vocab_size": vocab_size, "min_context": 8, "block_size": 16, "source": None, **fields}
-    machinery.Manifest(**meta).write(str(path))
-    return machinery.DiskDatastore(str(path))
+    manifests.Manifest(**meta).write(str(path))
+    return datastores.DiskDatastore(str(path))
 
 
 def default_sigint():

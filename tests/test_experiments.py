@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import corpora, datastores
 from experiments import to_wikitext
 from helpers import ROOT, WORDS, run, write_corpus
 
@@ -48,9 +48,9 @@ def test_remixing_the_cache_equals_a_fresh_evaluation(built):
 def test_the_first_rows_of_a_datastore_are_the_datastore_of_the_first_tokens(built, tmp_path):
     model, vocab, tokens, datastore, _ = built  # conftest.py
     n = 123
-    machinery.build_datastore(model, vocab, tokens[:n + 1], str(tmp_path / "head"), min_context=6, batch_size=4,
+    datastores.build_datastore(model, vocab, tokens[:n + 1], str(tmp_path / "head"), min_context=6, batch_size=4,
                               progress=False)
-    head, prefix = datastore.head(n), machinery.DiskDatastore(str(tmp_path / "head"))
+    head, prefix = datastore.head(n), datastores.DiskDatastore(str(tmp_path / "head"))
     assert torch.equal(head.keys, prefix.keys) and torch.equal(head.vals, prefix.vals) and len(head) == n
     queries = torch.randn(5, 16)
     assert all(torch.equal(a, b) for a, b in zip(head.search(queries, 10), prefix.search(queries, 10)))
@@ -103,7 +103,7 @@ def test_raw_text_is_converted_into_the_wikitext_format(tmp_path):
     assert lines == sorted([" \n"] * 3 + [" The well @-@ known cat sat on 1 @,@ 000 @.@ 5 mats . It didn 't mind ! \n",
                                           " A second paragraph ( short ) . \n", " Another document : e @-@ mail me . \n",
                                           " A third one -- the last . \n"])
-    machinery.check_corpus(str(tmp_path / "out"))  # the pipeline reads it as it reads WikiText
+    corpora.check_corpus(str(tmp_path / "out"))  # the pipeline reads it as it reads WikiText
     with pytest.raises(knnlm.KnnlmError, match="at least 3"):
         to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out2"))  # one file, no separator: 1 document
 
@@ -131,7 +131,7 @@ def all_lists_reranked_is_exact_search(tmp, best, k=32):
     to rounding: FAISS's float32 distances and ours may order two keys at nearly the k-th distance either
     way (this happens on some CPUs). So: the neighbour sets agree except for keys within float error of
     the k-th distance, the sorted distances agree, and where the sets agree p_kNN and perplexity do too."""
-    datastore = machinery.DiskDatastore(str(tmp / "runs" / "datastore"))
+    datastore = datastores.DiskDatastore(str(tmp / "runs" / "datastore"))
     cache = next(c for c in map(torch.load, (tmp / "runs" / "cache").glob("valid-*.pt")) if "queries" in c)
     datastore.use("torch", "cpu", k)
     exact_dists, exact_ids = datastore.search(cache["queries"], k)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import files, checkpoints, search, faiss_index, datastores
 from helpers import ROOT, clustered_keys, run, tiny_model, write_corpus, write_datastore
 
 N, D = 20000, 64
@@ -20,7 +20,7 @@ N, D = 20000, 64
 def indexed(tmp_path_factory):
     """A clustered datastore of 20,000 keys with its default index (IVF512,PQ64x4fs)."""
     datastore = write_datastore(tmp_path_factory.mktemp("store"), clustered_keys(N, D))
-    machinery.build_index(datastore, progress=False)
+    faiss_index.build_index(datastore, progress=False)
     return datastore
 
 
@@ -67,7 +67,7 @@ def test_recompute_returns_the_exact_distances_of_the_returned_ids(indexed):
 
 
 def test_the_torch_rerank_equals_the_kernels(indexed):
-    if machinery.knnlm_ext is None:
+    if search.knnlm_ext is None:
         pytest.skip("the C++ extension is not built")
     queries, ids = queries_near(20), torch.randint(N, (20, 33))
     ids[3, 5] = ids[3, 6] = -1  # FAISS found fewer than k: last, with distance inf
@@ -89,8 +89,8 @@ def test_the_torch_rerank_equals_the_kernels(indexed):
 
 def test_index_save_load_round_trip(indexed, tmp_path):
     index = indexed.load_index()
-    machinery.write_index(index.index, str(tmp_path / "copy.faiss"))
-    again = machinery.read_index(str(tmp_path / "copy.faiss"))
+    faiss_index.write_index(index.index, str(tmp_path / "copy.faiss"))
+    again = faiss_index.read_index(str(tmp_path / "copy.faiss"))
     queries = queries_near(50).numpy()
     for a, b in zip(index.index.search(queries, 20), again.search(queries, 20)):
         np.testing.assert_array_equal(a, b)
@@ -101,25 +101,25 @@ def test_a_sharded_build_equals_the_unsharded_one(indexed):
     one = indexed.load_index()
     expected = one.search(queries, 64)
     for shards in (2, 3):
-        machinery.build_index(indexed, shards=shards, name=f"shards{shards}", progress=False)
-        found = machinery.FaissIndex(indexed, name=f"shards{shards}").search(queries, 64)
+        faiss_index.build_index(indexed, shards=shards, name=f"shards{shards}", progress=False)
+        found = faiss_index.FaissIndex(indexed, name=f"shards{shards}").search(queries, 64)
         assert torch.equal(found[1], expected[1]) and torch.equal(found[0], expected[0])
 
 
 def test_an_interrupted_build_finishes_from_its_last_step(indexed):
     """Plan, training and shard 1 of 2 done, then a crash: the rerun adds shard 2 and merges."""
-    plan = machinery.plan_index(indexed, shards=2, name="resumed")
-    machinery.train_index(indexed, plan, name="resumed", progress=False)
-    machinery.add_shard(indexed, plan, 0, name="resumed", progress=False)
+    plan = faiss_index.plan_index(indexed, shards=2, name="resumed")
+    faiss_index.train_index(indexed, plan, name="resumed", progress=False)
+    faiss_index.add_shard(indexed, plan, 0, name="resumed", progress=False)
     trained_at = os.path.getmtime(os.path.join(indexed.path, "resumed.trained.faiss"))
     assert not os.path.exists(os.path.join(indexed.path, "resumed.json"))
     with pytest.raises(knnlm.KnnlmError, match="factory differs"):  # not a different build on top of it
-        machinery.build_index(indexed, factory="IVF64,PQ32x4fs", shards=2, name="resumed", progress=False)
+        faiss_index.build_index(indexed, factory="IVF64,PQ32x4fs", shards=2, name="resumed", progress=False)
     os.utime(os.path.join(indexed.path, "resumed.trained.faiss"), (0, trained_at))
-    machinery.build_index(indexed, shards=2, name="resumed", progress=False)
+    faiss_index.build_index(indexed, shards=2, name="resumed", progress=False)
     assert sorted(f for f in os.listdir(indexed.path) if f.startswith("resumed")) == ["resumed.faiss", "resumed.json"]
     queries = queries_near(50)
-    assert torch.equal(machinery.FaissIndex(indexed, name="resumed").search(queries, 16)[1],
+    assert torch.equal(faiss_index.FaissIndex(indexed, name="resumed").search(queries, 16)[1],
                        indexed.load_index().search(queries, 16)[1])
 
 
@@ -128,7 +128,7 @@ def test_an_index_of_another_datastore_is_refused(indexed, tmp_path):
     for part in ("faiss", "json"):
         shutil.copy(os.path.join(indexed.path, f"index.{part}"), os.path.join(other.path, f"index.{part}"))
     with pytest.raises(knnlm.KnnlmError, match="model_fingerprint differs: its index index.faiss has '0123"):
-        machinery.DiskDatastore(other.path).load_index()
+        datastores.DiskDatastore(other.path).load_index()
 
 
 def test_a_truncated_index_is_a_clear_error(indexed, tmp_path):
@@ -137,27 +137,27 @@ def test_a_truncated_index_is_a_clear_error(indexed, tmp_path):
     with open(store / "index.faiss", "r+b") as f:
         f.truncate(os.path.getsize(store / "index.faiss") // 2)
     with pytest.raises(knnlm.KnnlmError, match="index.faiss has .* bytes where its manifest vouches for .*: truncated"):
-        machinery.DiskDatastore(str(store)).load_index()
+        datastores.DiskDatastore(str(store)).load_index()
 
 
 def test_bad_index_settings_are_clear_errors(indexed, monkeypatch):
     with pytest.raises(knnlm.KnnlmError, match="cannot make an IVF index .* 'IVF64,Nonsense'"):
-        machinery.plan_index(indexed, factory="IVF64,Nonsense", name="bad")
+        faiss_index.plan_index(indexed, factory="IVF64,Nonsense", name="bad")
     with pytest.raises(knnlm.KnnlmError, match="more than the 1,000 keys to train them on"):
-        machinery.plan_index(indexed, factory="IVF4096,PQ8x4fs", train_size=1000, name="bad")
+        faiss_index.plan_index(indexed, factory="IVF4096,PQ8x4fs", train_size=1000, name="bad")
     for nprobe in (0, 513, 10**10):  # the index has 512 lists
         with pytest.raises(knnlm.KnnlmError, match=r"--nprobe must be in \[1, 512\]"):
             indexed.load_index(nprobe=nprobe)
     with pytest.raises(knnlm.KnnlmError, match="no FAISS index missing in"):
-        machinery.FaissIndex(indexed, name="missing")
-    monkeypatch.setattr(machinery.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+        faiss_index.FaissIndex(indexed, name="missing")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(knnlm.KnnlmError, match="not enough disk space .*: the index needs"):
-        machinery.plan_index(indexed, name="bad")
+        faiss_index.plan_index(indexed, name="bad")
     assert not [f for f in os.listdir(indexed.path) if f.startswith("bad")]
 
 
 def test_estimate_of_the_papers_datastore():
-    factory, needs = machinery.index_estimate(103_000_000, 1024)
+    factory, needs = faiss_index.index_estimate(103_000_000, 1024)
     assert factory == "IVF4096,PQ128x4fs"
     assert needs["disk: keys (float16) and values (int64)"] == 103_000_000 * (2 * 1024 + 8)  # ~212 GB
     assert 7e9 < needs["disk: the index"] < 8e9  # 64-byte codes and 8-byte ids
@@ -171,7 +171,7 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("work")
     data = write_corpus(root / "corpus", n_lines=(120, 15, 15))
     vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    machinery.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab), d_model=32), vocab)
+    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab), d_model=32), vocab)
     return root, data
 
 
@@ -205,11 +205,11 @@ def test_torchrun_two_processes_build_the_datastore_and_index_in_two_shards(work
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "wrote the index" in result.stdout and "(2 shards)" in result.stdout
-    sharded = machinery.DiskDatastore(str(tmp_path / "runs" / "datastore"))
+    sharded = datastores.DiskDatastore(str(tmp_path / "runs" / "datastore"))
     assert sorted(os.listdir(sharded.path)) == [".lock", "index.faiss", "index.json", "keys.npy", "meta.json", "vals.npy"]
-    assert machinery.read_json(os.path.join(sharded.path, "index.json"))["shards"] == 2
+    assert files.read_json(os.path.join(sharded.path, "index.json"))["shards"] == 2
     run("build_datastore.py", "--data", data, "--out", "one", cwd=tmp_path)  # one process, for comparison
-    one = machinery.DiskDatastore(str(tmp_path / "one"))
+    one = datastores.DiskDatastore(str(tmp_path / "one"))
     assert sharded.meta == one.meta and torch.equal(sharded.vals, one.vals)
     assert sharded.files["vals.npy"] == one.files["vals.npy"]
     torch.testing.assert_close(sharded.keys, one.keys)  # other batches, so maybe other rounding

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import corpora, checkpoints, search
 from helpers import tiny_model, write_corpus
 
 
@@ -26,13 +26,13 @@ def test_missing_split_is_a_clear_error(tmp_path):
     write_corpus(tmp_path)
     os.remove(knnlm.split_path(tmp_path, "valid"))
     with pytest.raises(knnlm.KnnlmError, match="wiki.valid.tokens"):
-        machinery.resolve_corpus(str(tmp_path))
+        corpora.resolve_corpus(str(tmp_path))
 
 
 def test_make_small_cuts_train_at_an_article_boundary(tmp_path):
     src = write_corpus(tmp_path / "full")
     full = open(knnlm.split_path(src, "train"), "rb").read()
-    small = machinery.make_small(src, str(tmp_path / "small"), train_bytes=len(full) // 2)
+    small = corpora.make_small(src, str(tmp_path / "small"), train_bytes=len(full) // 2)
     cut = open(knnlm.split_path(small, "train"), "rb").read()
     assert 0 < len(cut) <= len(full) // 2 and full.startswith(cut)
     assert full[len(cut):].startswith(b" \n = Article train")  # the next article starts right after
@@ -81,7 +81,7 @@ def test_datastore_stores_every_next_token_as_value(built):
     model, vocab, tokens, datastore, meta = built
     assert meta.count == len(datastore) == len(tokens) - 1
     assert torch.equal(datastore.vals, tokens[1:])  # row r holds the target tokens[r + 1]
-    assert meta.model_fingerprint == machinery.fingerprint(model, vocab) and meta.dim == 16
+    assert meta.model_fingerprint == checkpoints.fingerprint(model, vocab) and meta.dim == 16
 
 
 def test_keys_written_equal_the_models_keys(built):
@@ -176,7 +176,7 @@ def test_evaluation_scores_every_token_and_knn_helps_on_memorised_text(built):
     assert ppl == min(r[0] for r in results) and len(results) == 6
 
 
-@pytest.mark.skipif(machinery.knnlm_ext is None, reason="knnlm_ext not built")
+@pytest.mark.skipif(search.knnlm_ext is None, reason="knnlm_ext not built")
 def test_evaluation_is_the_same_with_either_search_backend(built):
     model, vocab, tokens, datastore, meta = built
     caches = []
@@ -202,8 +202,8 @@ def test_download_unpacks_the_official_archive_layout(tmp_path, monkeypatch):
                 z.write(knnlm.split_path(src, split), f"wikitext-103/wiki.{split}.tokens")
         reporthook(1, os.path.getsize(filename), os.path.getsize(filename))
 
-    monkeypatch.setattr(machinery.urllib.request, "urlretrieve", fake_urlretrieve)
-    small = machinery.resolve_corpus(str(tmp_path / "data" / "wikitext-103-small"))
+    monkeypatch.setattr(corpora.urllib.request, "urlretrieve", fake_urlretrieve)
+    small = corpora.resolve_corpus(str(tmp_path / "data" / "wikitext-103-small"))
     assert os.path.isfile(tmp_path / "data" / "wikitext-103" / "wiki.train.tokens")
     assert open(knnlm.split_path(small, "valid")).read() == open(knnlm.split_path(src, "valid")).read()
 
@@ -212,9 +212,9 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     def offline(url, filename, reporthook=None):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(machinery.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(corpora.urllib.request, "urlretrieve", offline)
     with pytest.raises(knnlm.KnnlmError, match="pass it with --data"):
-        machinery.resolve_corpus(str(tmp_path / "wikitext-2"))
+        corpora.resolve_corpus(str(tmp_path / "wikitext-2"))
 
 
 REAL = os.environ.get("KNNLM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import files, checkpoints, manifests, datastores
 from helpers import ROOT, default_sigint, run, tiny_model, write_corpus
 
 
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("work")
     data = write_corpus(root / "corpus", n_lines=(80, 15, 15))
     vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    machinery.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
+    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
     run("build_datastore.py", "--data", data, cwd=root)
     return root, data
 
@@ -123,10 +123,10 @@ def test_nan_keys(setup, tmp_path):
 
 def test_datastore_key_dimension_differs_from_the_model(setup, tmp_path):
     work, data = copy_work(setup, tmp_path)
-    _, vocab, _ = machinery.load_checkpoint(str(work / "runs" / "model.pt"))
+    _, vocab, _ = checkpoints.load_checkpoint(str(work / "runs" / "model.pt"))
     wider = tiny_model(len(vocab), d_model=24)
     tokens = vocab.encode_file(knnlm.split_path(data, "train"))
-    machinery.build_datastore(wider, vocab, tokens, str(work / "wide"), progress=False)
+    datastores.build_datastore(wider, vocab, tokens, str(work / "wide"), progress=False)
     fails(run("evaluate.py", "--data", data, "--datastore", "wide", cwd=work, check=False),
           "dim differs: the datastore has 24, runs/model.pt has 16")
 
@@ -151,7 +151,7 @@ def edit_meta(work, seal=True, **changes):
     meta = json.load(open(path))
     meta.update(changes)
     if seal:
-        meta["seal"] = machinery.seal(meta)
+        meta["seal"] = manifests.seal(meta)
     json.dump(meta, open(path, "w"))
 
 
@@ -171,8 +171,8 @@ def test_evaluate_refuses_a_datastore_whose_manifest_does_not_match(setup, tmp_p
 
 def test_evaluate_refuses_a_datastore_built_by_another_model(setup, tmp_path):
     work, data = copy_work(setup, tmp_path)
-    _, vocab, _ = machinery.load_checkpoint(str(work / "runs" / "model.pt"))
-    machinery.save_checkpoint(str(work / "other.pt"), tiny_model(len(vocab), seed=1), vocab)
+    _, vocab, _ = checkpoints.load_checkpoint(str(work / "runs" / "model.pt"))
+    checkpoints.save_checkpoint(str(work / "other.pt"), tiny_model(len(vocab), seed=1), vocab)
     fails(run("evaluate.py", "--data", data, "--checkpoint", "other.pt", cwd=work, check=False),
           "model_fingerprint differs")
 
@@ -212,7 +212,7 @@ def slow_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("slow")
     data = write_corpus(root / "corpus", n_lines=(1500, 10, 10))
     vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    machinery.save_checkpoint(str(root / "model.pt"), tiny_model(len(vocab), block_size=32, d_model=64), vocab)
+    checkpoints.save_checkpoint(str(root / "model.pt"), tiny_model(len(vocab), block_size=32, d_model=64), vocab)
     args = ["--data", data, "--checkpoint", root / "model.pt", "--batch-size", "1", "--commit-seconds", "0"]
     run("build_datastore.py", *args, "--out", root / "uninterrupted", cwd=root)
     return root, args
@@ -244,7 +244,7 @@ def test_interrupted_build_tells_evaluate_to_finish_it(slow_build, tmp_path):
     shutil.copytree(root / "uninterrupted", tmp_path / "ds")
     os.rename(tmp_path / "ds" / "meta.json", tmp_path / "ds" / "progress.json")
     with pytest.raises(knnlm.KnnlmError, match="was interrupted: rerun build_datastore.py"):
-        machinery.DiskDatastore(str(tmp_path / "ds"))
+        datastores.DiskDatastore(str(tmp_path / "ds"))
 
 
 def test_interrupted_training_resumes_to_the_same_model(tmp_path):
@@ -279,7 +279,7 @@ def test_resume_refuses_other_arguments(tmp_path):
 def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     vocab = knnlm.Vocab([knnlm.EOS, knnlm.UNK, "a"])
     path = str(tmp_path / "model.pt")
-    machinery.save_checkpoint(path, tiny_model(3), vocab, step=1)
+    checkpoints.save_checkpoint(path, tiny_model(3), vocab, step=1)
     before = open(path, "rb").read()
 
     def save_half_then_die(obj, f):
@@ -289,11 +289,11 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
 
     monkeypatch.setattr(knnlm.torch, "save", save_half_then_die)
     with pytest.raises(KeyboardInterrupt):
-        machinery.save_checkpoint(path, tiny_model(3, seed=1), vocab, step=2)
+        checkpoints.save_checkpoint(path, tiny_model(3, seed=1), vocab, step=2)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["model.pt"]
     monkeypatch.undo()
-    assert machinery.load_checkpoint(path)[2]["step"] == 1
+    assert checkpoints.load_checkpoint(path)[2]["step"] == 1
 
 
 # ---------------------------------------------------------------- one writer at a time
@@ -325,8 +325,8 @@ def quick_build(slow_build):
 def second_model(quick_build):
     """Another model of the same shape and vocabulary as quick_build's, and its datastore in root/other_quick."""
     root, args = quick_build
-    _, vocab, _ = machinery.load_checkpoint(str(root / "model.pt"))
-    machinery.save_checkpoint(str(root / "other.pt"), tiny_model(len(vocab), block_size=32, d_model=64, seed=1), vocab)
+    _, vocab, _ = checkpoints.load_checkpoint(str(root / "model.pt"))
+    checkpoints.save_checkpoint(str(root / "other.pt"), tiny_model(len(vocab), block_size=32, d_model=64, seed=1), vocab)
     other = [a if a != root / "model.pt" else root / "other.pt" for a in args]
     run("build_datastore.py", *other, "--out", root / "other_quick", cwd=root)
     return other
@@ -341,7 +341,7 @@ def test_a_second_build_into_the_same_out_is_refused_and_evaluate_says_it_is_in_
     root, args = quick_build
     out = tmp_path / "ds"
     first = start("build_datastore.py", *args, "--out", out, cwd=root, log=tmp_path / "first.log")
-    wait_until(lambda: machinery.writer_pid(str(out), directory=True) == str(first.pid), first)
+    wait_until(lambda: files.writer_pid(str(out), directory=True) == str(first.pid), first)
     first.send_signal(signal.SIGSTOP)  # holds its lock, however slow or fast this machine is
     try:
         fails(run("build_datastore.py", *second_model, "--out", out, cwd=root, check=False),
@@ -372,7 +372,7 @@ def test_a_second_training_on_the_same_out_is_refused(tmp_path):
     data = write_corpus(tmp_path / "corpus", n_lines=(100, 10, 10))
     args = ["--data", data, "--preset", "tiny", "--max-iters", "20", "--eval-interval", "10", "--out", "model.pt"]
     first = start("train.py", *args, cwd=tmp_path, log=tmp_path / "first.log")
-    wait_until(lambda: machinery.writer_pid(str(tmp_path / "model.pt")) == str(first.pid), first)
+    wait_until(lambda: files.writer_pid(str(tmp_path / "model.pt")) == str(first.pid), first)
     first.send_signal(signal.SIGSTOP)
     try:
         second = run("train.py", *args, "--seed", "1", cwd=tmp_path, check=False)
@@ -381,15 +381,15 @@ def test_a_second_training_on_the_same_out_is_refused(tmp_path):
     finally:
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0 and "saved to model.pt" in open(tmp_path / "first.log").read()
-    assert machinery.load_checkpoint(str(tmp_path / "model.pt"))[2]["args"]["seed"] == 0
+    assert checkpoints.load_checkpoint(str(tmp_path / "model.pt"))[2]["args"]["seed"] == 0
 
 
 def test_a_killed_writer_leaves_no_lock_and_no_temporary_file_behind(quick_build, tmp_path):
     """kill -9 in the middle of an atomic write: the OS drops the lock, and the rerun removes the half file."""
     root, args = quick_build
     out = tmp_path / "ds"
-    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import machinery\n"
-            f"with machinery.writing({str(out)!r}, directory=True), machinery.atomic_write({str(out / 'progress.json')!r}) as tmp:\n"
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); from knnlm_tools import files\n"
+            f"with files.writing({str(out)!r}, directory=True), files.atomic_write({str(out / 'progress.json')!r}) as tmp:\n"
             "    open(tmp, 'w').write('half')\n"
             "    time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -397,7 +397,7 @@ def test_a_killed_writer_leaves_no_lock_and_no_temporary_file_behind(quick_build
     wait_until(tmp.exists, proc)
     proc.kill()
     proc.wait(timeout=60)
-    assert tmp.exists() and machinery.writer_pid(str(out), directory=True) is None
+    assert tmp.exists() and files.writer_pid(str(out), directory=True) is None
     run("build_datastore.py", *args, "--out", out, cwd=root)
     assert not tmp.exists() and same_files(out, root / "quick")
     assert sorted(os.listdir(out)) == [".lock", "keys.npy", "meta.json", "vals.npy"]
@@ -413,7 +413,7 @@ def test_resuming_with_another_batch_size_gives_the_same_datastore(slow_build, t
     rows_done = json.load(open(out / "progress.json"))["rows"]
     other_batch = [a if a != "1" else "7" for a in args]
     assert f"resuming at row {rows_done:,}" in run("build_datastore.py", *other_batch, "--out", out, cwd=root).stdout
-    resumed, whole = machinery.DiskDatastore(str(out)), machinery.DiskDatastore(str(root / "uninterrupted"))
+    resumed, whole = datastores.DiskDatastore(str(out)), datastores.DiskDatastore(str(root / "uninterrupted"))
     assert same_files(out, root / "uninterrupted", names=("vals.npy",))
     torch.testing.assert_close(resumed.keys, whole.keys)  # other batch shapes: maybe other rounding
     assert "already holds this datastore" in run("build_datastore.py", *args, "--out", out, cwd=root).stdout
@@ -541,8 +541,8 @@ def test_a_datastore_of_the_evaluated_split_is_refused_unless_asked_for(setup, t
 def other_datastore(setup, tmp_path, seed=1):
     """A datastore of the same shape built by another model (same vocabulary)."""
     root, data = setup
-    _, vocab, _ = machinery.load_checkpoint(str(root / "runs" / "model.pt"))
-    machinery.save_checkpoint(str(tmp_path / "other.pt"), tiny_model(len(vocab), seed=seed), vocab)
+    _, vocab, _ = checkpoints.load_checkpoint(str(root / "runs" / "model.pt"))
+    checkpoints.save_checkpoint(str(tmp_path / "other.pt"), tiny_model(len(vocab), seed=seed), vocab)
     run("build_datastore.py", "--data", data, "--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "other",
         cwd=tmp_path)
     return tmp_path / "other"
@@ -575,9 +575,9 @@ def test_values_outside_the_vocabulary_are_refused(tmp_path, bad):
     vals[17] = bad
     np.save(vals_path, vals)
     meta = json.load(open(tmp_path / "ds" / "meta.json"))
-    machinery.Manifest(**{f: v for f, v in meta.items() if f not in ("files", "seal")}).write(str(tmp_path / "ds"))
+    manifests.Manifest(**{f: v for f, v in meta.items() if f not in ("files", "seal")}).write(str(tmp_path / "ds"))
     with pytest.raises(knnlm.KnnlmError, match=r"vals.npy holds token ids outside \[0, 100\)"):
-        machinery.DiskDatastore(str(tmp_path / "ds"))
+        datastores.DiskDatastore(str(tmp_path / "ds"))
 
 
 def test_verify_reads_every_byte(quick_build, tmp_path):

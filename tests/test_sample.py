@@ -4,7 +4,7 @@ import re
 import pytest
 
 import knnlm
-import machinery
+from knnlm_tools import checkpoints
 from helpers import run, tiny_model, write_corpus
 
 
@@ -14,7 +14,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     data = write_corpus(root / "corpus", n_lines=(40, 5, 5))
     vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    machinery.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
+    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
     run("build_datastore.py", "--data", data, "--index", "--factory", "IVF4,Flat", cwd=root)
     return root, data
 
@@ -72,6 +72,6 @@ def test_bad_input_is_one_line_and_exit_code_2(setup, args, message):
 def test_a_datastore_of_another_model_is_refused(setup, tmp_path):
     root, data = setup
     vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    machinery.save_checkpoint(str(tmp_path / "other.pt"), tiny_model(len(vocab), seed=1), vocab)
+    checkpoints.save_checkpoint(str(tmp_path / "other.pt"), tiny_model(len(vocab), seed=1), vocab)
     result = run("sample.py", "--k", 8, "--checkpoint", tmp_path / "other.pt", cwd=root, check=False)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import search
 from helpers import ROOT
 
-ext = machinery.knnlm_ext
+ext = search.knnlm_ext
 IN_CI = bool(os.environ.get("CI"))
 
 
@@ -64,10 +64,10 @@ def assert_exact_neighbours(dists, ids, queries, keys, k):
     assert ((ids == ref_ids) | near_tie).all()
 
 
-def search(backend, device, queries, keys, k, key_norms=None):
+def nearest(backend, device, queries, keys, k, key_norms=None):
     queries, keys = queries.to(device), keys.to(device)
     key_norms = None if key_norms is None else key_norms.to(device)
-    return machinery.topk_l2(queries, keys, k, key_norms=key_norms, backend=backend)
+    return search.topk_l2(queries, keys, k, key_norms=key_norms, backend=backend)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -79,7 +79,7 @@ def search(backend, device, queries, keys, k, key_norms=None):
 def test_search_equals_brute_force(backend, device, kind, N, k, key_dtype):
     queries, keys = make_data(kind, N, 24, 33, seed=N + k)
     keys = keys.to(key_dtype)
-    dists, ids = search(backend, device, queries, keys, k)
+    dists, ids = nearest(backend, device, queries, keys, k)
     assert_exact_neighbours(dists, ids, queries, keys, k)  # the reference sees the same (float16) keys
 
 
@@ -90,7 +90,7 @@ def test_search_of_one_query_and_of_non_contiguous_inputs(backend, device):
     queries_strided = torch.cat([queries, queries], 1)[:, ::2]  # every other column: not contiguous
     assert not keys_t.is_contiguous() and not queries_strided.is_contiguous()
     for q, kk in [(queries[:1], keys), (queries_strided, keys_t), (queries[::3], keys[::2])]:
-        dists, ids = search(backend, device, q, kk, 50)
+        dists, ids = nearest(backend, device, q, kk, 50)
         assert_exact_neighbours(dists, ids, q, kk, 50)
 
 
@@ -102,7 +102,7 @@ def test_exact_ties_go_to_the_smaller_id(backend, device):
     keys = torch.randint(-2, 3, (6000, 8), generator=g).float()
     queries = torch.randint(-2, 3, (40, 8), generator=g).float()
     for k in (1, 7, 1024):
-        dists, ids = search(backend, device, queries, keys, k)
+        dists, ids = nearest(backend, device, queries, keys, k)
         _, ref_dists, ref_ids = brute_force(queries, keys, k)
         assert torch.equal(ids.cpu(), ref_ids) and torch.equal(dists.cpu().double(), ref_dists)
 
@@ -116,7 +116,7 @@ def test_selection_of_keys_in_distance_order_and_at_one_distance(backend, device
     queries = torch.zeros(3, 2)
     for keys in (line, line.flip(0), torch.ones(4000, 2)):
         for k in (7, 1024):
-            dists, ids = search(backend, device, queries, keys, k)
+            dists, ids = nearest(backend, device, queries, keys, k)
             _, ref_dists, ref_ids = brute_force(queries, keys, k)
             assert torch.equal(ids.cpu(), ref_ids) and torch.equal(dists.cpu().double(), ref_dists)
 
@@ -138,19 +138,19 @@ def test_kernel_is_deterministic_and_right_for_any_blocking():
 def test_search_rejects_bad_input_clearly(backend, device):
     keys, queries = torch.randn(10, 4, device=device), torch.randn(2, 4, device=device)
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
-        machinery.topk_l2(queries, keys, 11, backend=backend)
+        search.topk_l2(queries, keys, 11, backend=backend)
     with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
-        machinery.topk_l2(queries, keys, 0, backend=backend)
+        search.topk_l2(queries, keys, 0, backend=backend)
     with pytest.raises(ValueError, match=r"queries must be \[B, 4\]"):
-        machinery.topk_l2(torch.randn(2, 5, device=device), keys, 3, backend=backend)
+        search.topk_l2(torch.randn(2, 5, device=device), keys, 3, backend=backend)
     with pytest.raises(TypeError, match="queries must be float32"):
-        machinery.topk_l2(queries.double(), keys, 3, backend=backend)
+        search.topk_l2(queries.double(), keys, 3, backend=backend)
     with pytest.raises(TypeError, match="keys must be float16 or float32"):
-        machinery.topk_l2(queries, keys.long(), 3, backend=backend)
+        search.topk_l2(queries, keys.long(), 3, backend=backend)
     with pytest.raises(TypeError, match=r"key_norms must be float32 \[10\]"):
-        machinery.topk_l2(queries, keys, 3, key_norms=torch.zeros(9, device=device), backend=backend)
+        search.topk_l2(queries, keys, 3, key_norms=torch.zeros(9, device=device), backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
-        machinery.topk_l2(queries, keys, 3, backend="magic")
+        search.topk_l2(queries, keys, 3, backend="magic")
 
 
 @pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
@@ -172,7 +172,7 @@ def test_kernel_rejects_bad_input_itself():
 @pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
 def test_kernel_refuses_keys_on_another_device():
     with pytest.raises(ValueError, match="must be on one device"):
-        machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4, device="meta"), 3, backend="ext")
+        search.topk_l2(torch.randn(2, 4), torch.randn(10, 4, device="meta"), 3, backend="ext")
 
 
 KERNEL_DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(ext is None, reason="knnlm_ext not built")),
@@ -222,17 +222,17 @@ def test_torch_compile_traces_code_that_searches(device):
 
 
 def test_ext_backend_without_the_kernel_says_how_to_build_it(monkeypatch):
-    monkeypatch.setattr(machinery, "knnlm_ext", None)
+    monkeypatch.setattr(search, "knnlm_ext", None)
     with pytest.raises(knnlm.KnnlmError, match="pip install --no-build-isolation -e ."):
-        machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="ext")
-    assert machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="auto")[1].shape == (2, 3)  # torch
+        search.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="ext")
+    assert search.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3, backend="auto")[1].shape == (2, 3)  # torch
 
 
 @pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
 def test_auto_backend_uses_the_kernel_when_built(monkeypatch):
     calls, op = [], torch.ops.knnlm.topk_l2
     monkeypatch.setattr(torch.ops.knnlm, "topk_l2", lambda *a: calls.append(a) or op(*a))
-    machinery.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3)
+    search.topk_l2(torch.randn(2, 4), torch.randn(10, 4), 3)
     assert len(calls) == 1
 
 

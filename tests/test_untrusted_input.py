@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import knnlm
-import machinery
+from knnlm_tools import files, corpora, checkpoints, faiss_index, datastores
 from helpers import ROOT, default_sigint, run, tiny_model, write_corpus
 
 
@@ -24,7 +24,7 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("untrusted")
     data = write_corpus(root / "corpus", n_lines=(80, 15, 15))
     vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    machinery.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
+    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
     run("build_datastore.py", "--data", data, cwd=root)
     return root, data
 
@@ -107,7 +107,7 @@ def test_the_projects_own_checkpoints_load_with_weights_only(tmp_path):
     run("train.py", "--data", data, "--preset", "tiny", "--max-iters", "10", "--eval-interval", "5", cwd=tmp_path)
     for name in ("model.pt", "model.last.pt"):  # the .last.pt has the optimizer, the random state and the args
         ckpt = torch.load(tmp_path / "runs" / name, weights_only=True)
-        assert machinery.load_checkpoint(str(tmp_path / "runs" / name))[2]["step"] == ckpt["step"] in (5, 10)
+        assert checkpoints.load_checkpoint(str(tmp_path / "runs" / name))[2]["step"] == ckpt["step"] in (5, 10)
     assert "optimizer" in ckpt and ckpt["step"] == 10
 
 
@@ -210,9 +210,9 @@ def test_the_token_stream_is_what_a_reader_sees(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf = Title = \r\n a b\rc \r\n\n")
     assert list(knnlm.read_words(str(path))) == ["=", "Title", "=", knnlm.EOS, "a", "b", "c", knnlm.EOS, knnlm.EOS]
     (tmp_path / "b.tokens").write_text(" = Title = \n a b c \n \n")
-    assert machinery.text_fingerprint(str(path)) == machinery.text_fingerprint(str(tmp_path / "b.tokens"))
+    assert corpora.text_fingerprint(str(path)) == corpora.text_fingerprint(str(tmp_path / "b.tokens"))
     (tmp_path / "c.tokens").write_text(" = Title = \n a b c d \n \n")
-    assert machinery.text_fingerprint(str(path)) != machinery.text_fingerprint(str(tmp_path / "c.tokens"))
+    assert corpora.text_fingerprint(str(path)) != corpora.text_fingerprint(str(tmp_path / "c.tokens"))
 
 
 # ---------------------------------------------------------------- numbers of one run are not shown beside another's
@@ -239,8 +239,8 @@ def test_bench_index_writes_the_results_file_only_under_its_lock(work, tmp_path)
     from bench import index as bench_index
     results = tmp_path / "r.json"
     results.write_text("{}")
-    holder = start(None, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import machinery\n"
-                   f"with machinery.writing({str(results)!r}):\n    print('held', flush=True); time.sleep(600)",
+    holder = start(None, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); from knnlm_tools import files\n"
+                   f"with files.writing({str(results)!r}):\n    print('held', flush=True); time.sleep(600)",
                    cwd=tmp_path, log=tmp_path / "log")
     try:
         wait_for("held", tmp_path / "log", holder)
@@ -255,18 +255,18 @@ def test_a_results_file_named_through_a_symlink_has_one_lock(tmp_path):
     real, alias = tmp_path / "results.json", tmp_path / "alias.json"
     real.write_text("{}")
     alias.symlink_to(real)
-    holder = start(None, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import machinery\n"
-                   f"with machinery.writing({str(real)!r}):\n    print('held', flush=True); time.sleep(600)",
+    holder = start(None, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); from knnlm_tools import files\n"
+                   f"with files.writing({str(real)!r}):\n    print('held', flush=True); time.sleep(600)",
                    cwd=tmp_path, log=tmp_path / "log")
     try:
         wait_for("held", tmp_path / "log", holder)
         with pytest.raises(knnlm.KnnlmError, match="is being written by another process"):
-            with machinery.writing(str(alias)):
+            with files.writing(str(alias)):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    machinery.write_json({"a": 1}, str(alias))  # written through the link: the link stays, the file changes
+    files.write_json({"a": 1}, str(alias))  # written through the link: the link stays, the file changes
     assert alias.is_symlink() and json.load(open(real)) == {"a": 1}
 
 
@@ -382,8 +382,8 @@ def test_an_infinite_perplexity_is_not_a_percentage(work):
 def test_a_half_built_index_is_reported_as_interrupted(work, tmp_path):
     root, data = work
     shutil.copytree(root / "runs" / "datastore", tmp_path / "ds")
-    datastore = machinery.DiskDatastore(str(tmp_path / "ds"))
-    machinery.plan_index(datastore, "IVF4,Flat")  # the first step of a build, then it stopped
+    datastore = datastores.DiskDatastore(str(tmp_path / "ds"))
+    faiss_index.plan_index(datastore, "IVF4,Flat")  # the first step of a build, then it stopped
     with pytest.raises(knnlm.KnnlmError, match="the FAISS index build in .* was interrupted: rerun"):
         datastore.load_index()
     os.remove(tmp_path / "ds" / "index.plan.json")
@@ -399,7 +399,7 @@ def slow(tmp_path_factory):
     root = tmp_path_factory.mktemp("slow")
     data = write_corpus(root / "corpus", n_lines=(100, 10, 1500))
     vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    machinery.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab), block_size=32, d_model=64), vocab)
+    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab), block_size=32, d_model=64), vocab)
     run("build_datastore.py", "--data", data, cwd=root)
     return root, data
 
