@@ -69,3 +69,10 @@ def default_sigint():
     turns it into KeyboardInterrupt even when the suite runs in a background job, which starts with SIGINT
     ignored and passes that on through exec."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def fails(result, message, code=2):
+    """The script ended with one clear line on stderr (and that exit code), not a traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr

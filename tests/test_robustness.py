@@ -15,57 +15,39 @@ import torch
 
 import knnlm
 from knnlm_tools import files, checkpoints, manifests, datastores
-from helpers import ROOT, default_sigint, run, tiny_model, write_corpus
+from helpers import ROOT, default_sigint, fails, run, tiny_model, write_corpus
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A corpus, an (untrained) checkpoint and its datastore, as the scripts leave them."""
-    root = tmp_path_factory.mktemp("work")
-    data = write_corpus(root / "corpus", n_lines=(80, 15, 15))
-    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
-    run("build_datastore.py", "--data", data, cwd=root)
-    return root, data
-
-
-def fails(result, message):
-    """The script ended with exit code 2 and one clear line, not a traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def copy_work(setup, tmp_path):
-    root, data = setup
+def copy_work(work, tmp_path):
+    root, data = work
     shutil.copytree(root / "runs", tmp_path / "runs")
     return tmp_path, data
 
 
 # ---------------------------------------------------------------- bad input
 
-def test_missing_corpus_file(setup, tmp_path):
-    root, data = setup
+def test_missing_corpus_file(work, tmp_path):
+    root, data = work
     shutil.copytree(data, tmp_path / "corpus")
     os.remove(tmp_path / "corpus" / "wiki.test.tokens")
     fails(run("evaluate.py", "--data", tmp_path / "corpus", cwd=root, check=False), "missing")
 
 
-def test_empty_corpus_file(setup, tmp_path):
-    root, data = setup
+def test_empty_corpus_file(work, tmp_path):
+    root, data = work
     shutil.copytree(data, tmp_path / "corpus")
     open(tmp_path / "corpus" / "wiki.valid.tokens", "w").close()
     fails(run("train.py", "--data", tmp_path / "corpus", "--preset", "tiny", cwd=tmp_path, check=False),
           "empty corpus file")
 
 
-def test_directory_without_the_three_splits(setup, tmp_path):
-    root, _ = setup
+def test_directory_without_the_three_splits(work, tmp_path):
+    root, _ = work
     fails(run("build_datastore.py", "--data", tmp_path, cwd=root, check=False), "is not a WikiText corpus directory")
 
 
-def test_non_utf8_text(setup, tmp_path):
-    root, data = setup
+def test_non_utf8_text(work, tmp_path):
+    root, data = work
     shutil.copytree(data, tmp_path / "corpus")
     with open(tmp_path / "corpus" / "wiki.test.tokens", "ab") as f:
         f.write(b" caf\xe9 latin-1 \n")
@@ -81,20 +63,20 @@ def test_non_utf8_text(setup, tmp_path):
     ("--temperature", "0", "--temperature must be > 0"),
     ("--min-context", "16", "--min-context must be in [0, 16)"),
 ])
-def test_bad_evaluation_settings(setup, flag, value, message):
-    root, data = setup
+def test_bad_evaluation_settings(work, flag, value, message):
+    root, data = work
     fails(run("evaluate.py", "--data", data, flag, value, cwd=root, check=False), message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("script", ["train.py", "build_datastore.py", "evaluate.py"])
-def test_cuda_request_without_cuda(setup, script, tmp_path):
-    root, data = setup
+def test_cuda_request_without_cuda(work, script, tmp_path):
+    root, data = work
     fails(run(script, "--data", data, "--device", "cuda", cwd=root, check=False), "sees no CUDA GPU")
 
 
-def test_truncated_and_corrupt_datastore(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_truncated_and_corrupt_datastore(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     keys = work / "runs" / "datastore" / "keys.npy"
     with open(keys, "r+b") as f:
         f.truncate(os.path.getsize(keys) // 2)
@@ -104,16 +86,16 @@ def test_truncated_and_corrupt_datastore(setup, tmp_path):
     fails(run("evaluate.py", "--data", data, cwd=work, check=False), "corrupt or truncated")
 
 
-def test_truncated_checkpoint(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_truncated_checkpoint(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     ckpt = work / "runs" / "model.pt"
     with open(ckpt, "r+b") as f:
         f.truncate(os.path.getsize(ckpt) // 2)
     fails(run("evaluate.py", "--data", data, cwd=work, check=False), "cannot read checkpoint")
 
 
-def test_nan_keys(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_nan_keys(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     keys = np.load(work / "runs" / "datastore" / "keys.npy", mmap_mode="r+")
     keys[5, 3] = np.nan
     keys.flush()
@@ -121,8 +103,8 @@ def test_nan_keys(setup, tmp_path):
     fails(run("evaluate.py", "--data", data, cwd=work, check=False), "NaN or infinite keys (first at row 5)")
 
 
-def test_datastore_key_dimension_differs_from_the_model(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_datastore_key_dimension_differs_from_the_model(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     _, vocab, _ = checkpoints.load_checkpoint(str(work / "runs" / "model.pt"))
     wider = tiny_model(len(vocab), d_model=24)
     tokens = vocab.encode_file(knnlm.split_path(data, "train"))
@@ -131,8 +113,8 @@ def test_datastore_key_dimension_differs_from_the_model(setup, tmp_path):
           "dim differs: the datastore has 24, runs/model.pt has 16")
 
 
-def test_disk_too_small_for_the_datastore(setup, tmp_path):
-    root, data = setup
+def test_disk_too_small_for_the_datastore(work, tmp_path):
+    root, data = work
     # run the script in a real process in which the disk reports 1 kB free
     code = ("import runpy, shutil, sys; shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000);"
             f"sys.path.insert(0, {ROOT!r}); sys.argv = ['build_datastore.py', '--data', {str(data)!r}, '--out', {str(tmp_path / 'ds')!r}];"
@@ -163,23 +145,23 @@ def edit_meta(work, seal=True, **changes):
     ("dim", 99, "dim differs"),
     ("key_type", "final_layer", "unknown key type 'final_layer'"),
 ])
-def test_evaluate_refuses_a_datastore_whose_manifest_does_not_match(setup, tmp_path, field, value, message):
-    work, data = copy_work(setup, tmp_path)
+def test_evaluate_refuses_a_datastore_whose_manifest_does_not_match(work, tmp_path, field, value, message):
+    work, data = copy_work(work, tmp_path)
     edit_meta(work, **{field: value})
     fails(run("evaluate.py", "--data", data, cwd=work, check=False), message)
 
 
-def test_evaluate_refuses_a_datastore_built_by_another_model(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_evaluate_refuses_a_datastore_built_by_another_model(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     _, vocab, _ = checkpoints.load_checkpoint(str(work / "runs" / "model.pt"))
     checkpoints.save_checkpoint(str(work / "other.pt"), tiny_model(len(vocab), seed=1), vocab)
     fails(run("evaluate.py", "--data", data, "--checkpoint", "other.pt", cwd=work, check=False),
           "model_fingerprint differs")
 
 
-def test_a_datastore_of_another_corpus_is_allowed(setup, tmp_path):
+def test_a_datastore_of_another_corpus_is_allowed(work, tmp_path):
     """Domain adaptation: the same model, a datastore built from a different corpus."""
-    work, data = copy_work(setup, tmp_path)
+    work, data = copy_work(work, tmp_path)
     other = write_corpus(tmp_path / "other", n_lines=(40, 10, 10), seed=7)
     run("build_datastore.py", "--data", other, "--out", "other_ds", cwd=work)
     out = run("evaluate.py", "--data", data, "--datastore", "other_ds", "--k", "8", cwd=work).stdout
@@ -191,13 +173,13 @@ def test_a_datastore_of_another_corpus_is_allowed(setup, tmp_path):
     ("--split", "valid", "count differs"),
     ("--min-context", "4", "min_context differs"),
 ])
-def test_build_refuses_to_mix_into_a_datastore_of_other_arguments(setup, tmp_path, flag, value, field):
-    work, data = copy_work(setup, tmp_path)
+def test_build_refuses_to_mix_into_a_datastore_of_other_arguments(work, tmp_path, flag, value, field):
+    work, data = copy_work(work, tmp_path)
     fails(run("build_datastore.py", "--data", data, flag, value, cwd=work, check=False), field)
 
 
-def test_build_refuses_another_corpus_of_the_same_size(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_build_refuses_another_corpus_of_the_same_size(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     shutil.copytree(data, tmp_path / "changed")
     train = tmp_path / "changed" / "wiki.train.tokens"
     train.write_text(train.read_text().replace(" cat ", " dog "))
@@ -498,8 +480,8 @@ def read_only_dir(tmp_path):
 @pytest.mark.parametrize("script, flag, name, extra", [("train.py", "--out", "model.pt", ["--preset", "tiny"]),
                                                        ("build_datastore.py", "--out", "ds", []),
                                                        ("evaluate.py", "--results", "results.json", ["--k", "8"])])
-def test_a_read_only_output_directory_is_refused_before_any_work(setup, read_only_dir, script, flag, name, extra):
-    root, data = setup
+def test_a_read_only_output_directory_is_refused_before_any_work(work, read_only_dir, script, flag, name, extra):
+    root, data = work
     result = run(script, "--data", data, *extra, flag, read_only_dir / name, cwd=root, check=False)
     fails(result, f"cannot write to {read_only_dir}")
     assert "step" not in result.stdout and "tokens |" not in result.stdout  # refused before training or scoring
@@ -510,8 +492,8 @@ def test_a_read_only_output_directory_is_refused_before_any_work(setup, read_onl
 @pytest.mark.parametrize("content, message", [(None, "is a directory, not a file"),
                                               ("{not json", "cannot read"),
                                               ("[1, 2]", "holds a JSON list, not the object expected")])
-def test_a_bad_results_path_is_refused_before_the_evaluation(setup, tmp_path, content, message):
-    root, data = setup
+def test_a_bad_results_path_is_refused_before_the_evaluation(work, tmp_path, content, message):
+    root, data = work
     path = tmp_path / "results.json"
     if content is None:
         path.mkdir()
@@ -524,8 +506,8 @@ def test_a_bad_results_path_is_refused_before_the_evaluation(setup, tmp_path, co
 
 # ---------------------------------------------------------------- silent wrong answers
 
-def test_a_datastore_of_the_evaluated_split_is_refused_unless_asked_for(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_a_datastore_of_the_evaluated_split_is_refused_unless_asked_for(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     run("build_datastore.py", "--data", data, "--split", "test", "--out", "test_ds", cwd=work)
     for flags in ([], ["--tune"]):  # the test split scored, or valid for tuning as well
         fails(run("evaluate.py", "--data", data, "--datastore", "test_ds", "--k", "8", *flags, cwd=work, check=False),
@@ -538,9 +520,9 @@ def test_a_datastore_of_the_evaluated_split_is_refused_unless_asked_for(setup, t
     assert "kNN-LM ppl" in out
 
 
-def other_datastore(setup, tmp_path, seed=1):
+def other_datastore(work, tmp_path, seed=1):
     """A datastore of the same shape built by another model (same vocabulary)."""
-    root, data = setup
+    root, data = work
     _, vocab, _ = checkpoints.load_checkpoint(str(root / "runs" / "model.pt"))
     checkpoints.save_checkpoint(str(tmp_path / "other.pt"), tiny_model(len(vocab), seed=seed), vocab)
     run("build_datastore.py", "--data", data, "--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "other",
@@ -549,19 +531,19 @@ def other_datastore(setup, tmp_path, seed=1):
 
 
 @pytest.mark.parametrize("name", ["keys.npy", "vals.npy"])
-def test_a_file_swapped_in_from_another_datastore_is_refused(setup, tmp_path, name):
-    work, data = copy_work(setup, tmp_path)
-    other = other_datastore(setup, tmp_path)
+def test_a_file_swapped_in_from_another_datastore_is_refused(work, tmp_path, name):
+    here, data = copy_work(work, tmp_path)
+    other = other_datastore(work, tmp_path)
     if name == "vals.npy":  # the other model's values are the same text's: make them another text's
         vals = np.load(other / name)
         np.save(other / name, np.roll(vals, 1))
-    shutil.copy(other / name, work / "runs" / "datastore" / name)
-    fails(run("evaluate.py", "--data", data, cwd=work, check=False),
+    shutil.copy(other / name, here / "runs" / "datastore" / name)
+    fails(run("evaluate.py", "--data", data, cwd=here, check=False),
           f"runs/datastore/{name} is not the file its manifest vouches for")
 
 
-def test_a_hand_edited_manifest_is_refused(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
+def test_a_hand_edited_manifest_is_refused(work, tmp_path):
+    work, data = copy_work(work, tmp_path)
     edit_meta(work, seal=False, key_type="attn_out")  # a key type it was not built with
     fails(run("evaluate.py", "--data", data, cwd=work, check=False), "meta.json was edited")
 
@@ -601,23 +583,23 @@ def test_verify_reads_every_byte(quick_build, tmp_path):
     assert "kNN-LM ppl" in run(*evaluate, "--datastore", root / "quick", "--verify", cwd=root).stdout
 
 
-def test_an_index_file_of_another_datastore_of_the_same_shape_is_refused(setup, tmp_path):
-    work, data = copy_work(setup, tmp_path)
-    other = other_datastore(setup, tmp_path)
-    for ds in (work / "runs" / "datastore", other):
+def test_an_index_file_of_another_datastore_of_the_same_shape_is_refused(work, tmp_path):
+    here, data = copy_work(work, tmp_path)
+    other = other_datastore(work, tmp_path)
+    for ds in (here / "runs" / "datastore", other):
         run("build_datastore.py", "--data", data, "--out", ds, "--index", "--factory", "IVF4,Flat",
-            "--checkpoint", work / "runs" / "model.pt" if ds != other else tmp_path / "other.pt", cwd=work)
-    shutil.copy(other / "index.faiss", work / "runs" / "datastore" / "index.faiss")  # index.json left as it was
-    fails(run("evaluate.py", "--data", data, "--k", "8", "--backend", "faiss", "--nprobe", "4", cwd=work, check=False),
+            "--checkpoint", here / "runs" / "model.pt" if ds != other else tmp_path / "other.pt", cwd=here)
+    shutil.copy(other / "index.faiss", here / "runs" / "datastore" / "index.faiss")  # index.json left as it was
+    fails(run("evaluate.py", "--data", data, "--k", "8", "--backend", "faiss", "--nprobe", "4", cwd=here, check=False),
           "index.faiss")
-    fails(run("evaluate.py", "--data", data, "--k", "8", "--backend", "faiss", "--nprobe", "5", cwd=setup[0],
+    fails(run("evaluate.py", "--data", data, "--k", "8", "--backend", "faiss", "--nprobe", "5", cwd=work[0],
               check=False), "no FAISS index")
 
 
 # ---------------------------------------------------------------- numbers at the edges
 
-def test_a_tiny_temperature_is_the_nearest_neighbour_limit_not_nan(setup):
-    root, data = setup
+def test_a_tiny_temperature_is_the_nearest_neighbour_limit_not_nan(work):
+    root, data = work
     dists = torch.tensor([[3.0, 5.0, 5.0, 9.0]])
     for T in (1e-300, 1e-40, 1e-3):
         log_p = knnlm.knn_log_prob(dists, torch.tensor([[7, 8, 9, 7]]), torch.tensor([7]), T)
@@ -646,8 +628,8 @@ def test_perplexity_beyond_exp_range_is_inf():
     assert knnlm.perplexity(torch.tensor([0.0, -math.inf])) == float("inf")
 
 
-def test_an_infinite_perplexity_is_written_as_null_and_said_why(setup, tmp_path):
-    root, data = setup
+def test_an_infinite_perplexity_is_written_as_null_and_said_why(work, tmp_path):
+    root, data = work
     out = run("evaluate.py", "--data", data, "--k", "1", "--lambda", "1", "--results", tmp_path / "r.json", cwd=root).stdout
     assert "the kNN-LM perplexity is infinite" in out
     results = json.loads(open(tmp_path / "r.json").read(),
@@ -659,23 +641,23 @@ def test_an_infinite_perplexity_is_written_as_null_and_said_why(setup, tmp_path)
 
 @pytest.mark.parametrize("script", ["train.py", "build_datastore.py", "evaluate.py"])
 @pytest.mark.parametrize("value", ["0", "-4"])
-def test_a_batch_size_below_one_is_refused(setup, script, value):
-    root, data = setup
+def test_a_batch_size_below_one_is_refused(work, script, value):
+    root, data = work
     fails(run(script, "--data", data, "--batch-size", value, cwd=root, check=False),
           "argument --batch-size: must be a positive integer")
 
 
 @pytest.mark.parametrize("script, flag", [("train.py", "--max-iters"), ("build_datastore.py", "--train-size"),
                                           ("build_datastore.py", "--index-shards")])
-def test_zero_is_refused_not_taken_for_the_default(setup, tmp_path, script, flag):
-    root, data = setup
+def test_zero_is_refused_not_taken_for_the_default(work, tmp_path, script, flag):
+    root, data = work
     result = run(script, "--data", data, "--out", tmp_path / "out", flag, "0", cwd=root, check=False)
     fails(result, f"argument {flag}: must be a positive integer, got 0")
     assert "saved to" not in result.stdout and not (tmp_path / "out").exists()
 
 
-def test_a_vocabulary_of_fewer_than_three_words_is_refused(setup, tmp_path):
-    root, data = setup
+def test_a_vocabulary_of_fewer_than_three_words_is_refused(work, tmp_path):
+    root, data = work
     fails(run("train.py", "--data", data, "--max-vocab", "1", "--out", tmp_path / "m.pt", cwd=root, check=False),
           "--max-vocab must be at least 3")
     assert len(knnlm.Vocab.build(knnlm.split_path(data, "train"), max_size=3)) == 3
@@ -686,8 +668,8 @@ def test_a_vocabulary_of_fewer_than_three_words_is_refused(setup, tmp_path):
     ("meta.json", '{"count": "many"}', "field 'count' is 'many'"),
     ("index.json", '{"factory": 4}', "field 'datastore' is None"),
 ])
-def test_manifests_of_the_wrong_shape_are_refused(setup, tmp_path, name, content, message):
-    work, data = copy_work(setup, tmp_path)
+def test_manifests_of_the_wrong_shape_are_refused(work, tmp_path, name, content, message):
+    work, data = copy_work(work, tmp_path)
     if name == "index.json":
         run("build_datastore.py", "--data", data, "--index", "--factory", "IVF4,Flat", cwd=work)
     (work / "runs" / "datastore" / name).write_text(content)
@@ -696,8 +678,8 @@ def test_manifests_of_the_wrong_shape_are_refused(setup, tmp_path, name, content
 
 
 @pytest.mark.parametrize("missing", ["fingerprint", "vocab"])
-def test_a_checkpoint_without_its_fingerprint_or_vocabulary_is_refused(setup, tmp_path, missing):
-    work, data = copy_work(setup, tmp_path)
+def test_a_checkpoint_without_its_fingerprint_or_vocabulary_is_refused(work, tmp_path, missing):
+    work, data = copy_work(work, tmp_path)
     ckpt = torch.load(work / "runs" / "model.pt", weights_only=False)
     del ckpt[missing]
     torch.save(ckpt, work / "runs" / "model.pt")
@@ -705,8 +687,8 @@ def test_a_checkpoint_without_its_fingerprint_or_vocabulary_is_refused(setup, tm
           f"runs/model.pt is not a checkpoint of train.py: it has no {missing}")
 
 
-def test_a_split_of_blank_lines_is_refused_before_the_evaluation(setup, tmp_path):
-    root, data = setup
+def test_a_split_of_blank_lines_is_refused_before_the_evaluation(work, tmp_path):
+    root, data = work
     shutil.copytree(data, tmp_path / "corpus")
     (tmp_path / "corpus" / "wiki.test.tokens").write_text(" \n \n\n")
     result = run("evaluate.py", "--data", tmp_path / "corpus", "--tune", cwd=root, check=False)

@@ -15,25 +15,7 @@ import torch
 
 import knnlm
 from knnlm_tools import files, corpora, checkpoints, faiss_index, datastores
-from helpers import ROOT, default_sigint, run, tiny_model, write_corpus
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A corpus, an (untrained) checkpoint and its datastore, as the scripts leave them."""
-    root = tmp_path_factory.mktemp("untrusted")
-    data = write_corpus(root / "corpus", n_lines=(80, 15, 15))
-    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
-    run("build_datastore.py", "--data", data, cwd=root)
-    return root, data
-
-
-def fails(result, message, code=2):
-    """The script ended with one clear line on stderr (and that exit code), not a traceback."""
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
+from helpers import ROOT, default_sigint, fails, run, tiny_model, write_corpus
 
 
 def start(script, *args, cwd, log, env=None):
