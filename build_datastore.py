@@ -31,7 +31,7 @@ import knnlm
 from knnlm_tools import files, corpora, checkpoints, faiss_index, datastores, cli
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[cli.arguments("data", "checkpoint", "min_context", "batch_size", "device")])
+                                 parents=[cli.arguments("data", "checkpoint", "window", "min_context", "batch_size", "device")])
 parser.add_argument("--split", default="train", choices=knnlm.SPLITS, help="split to store (default: %(default)s)")
 parser.add_argument("--out", default="runs/datastore", help="datastore directory (default: %(default)s)")
 parser.add_argument("--key-type", default="ffn_in_ln", choices=knnlm.KEY_TYPES,
@@ -69,18 +69,19 @@ barrier = torch.distributed.barrier if world > 1 else lambda: None
 # rank 0 holds the lock of --out for the whole job: a second build into it is refused at once
 interrupted = "rerun the same command to continue where it stopped"
 with cli.user_errors(interrupted), files.writing(args.out, directory=True) if rank == 0 else nullcontext():
-    model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
+    model, vocab, _ = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
+    key_type = checkpoints.key_type(model, args.key_type)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     path = knnlm.split_path(corpora.resolve_corpus(args.data), args.split)
     tokens = vocab.encode_file(path)
     print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}")
     source = {"file": os.path.realpath(path), "split": args.split, "sha256": corpora.file_fingerprint(path),
               "tokens_sha256": corpora.text_fingerprint(path)}
-    meta = datastores.build_datastore(model, vocab, tokens, args.out, key_type=args.key_type,
+    meta = datastores.build_datastore(model, vocab, tokens, args.out, key_type=key_type,
                                      min_context=min_context, batch_size=args.batch_size, source=source,
                                      commit_seconds=args.commit_seconds, shard=rank, shards=world, barrier=barrier)
     if rank == 0:
-        print(f"wrote {meta.count:,} keys ({args.key_type}) to {args.out}")
+        print(f"wrote {meta.count:,} keys ({key_type}) to {args.out}")
     if args.index:
         datastore = datastores.DiskDatastore(args.out)
         plan = faiss_index.plan_index(datastore, args.factory, args.train_size, args.index_shards or world)

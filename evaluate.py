@@ -22,7 +22,7 @@ import knnlm
 from knnlm_tools import files, corpora, checkpoints, datastores, cli
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[cli.arguments("data", "checkpoint", "datastore", "k", "lambda",
+                                 parents=[cli.arguments("data", "checkpoint", "window", "datastore", "k", "lambda",
                                                               "temperature", "nprobe", "min_context", "batch_size",
                                                               "device")])
 parser.add_argument("--split", default="test", choices=knnlm.SPLITS, help="split to evaluate (default: %(default)s)")
@@ -50,7 +50,7 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.results:
         outputs.enter_context(files.writing(args.results))
         earlier = files.read_json(args.results, {}) if os.path.isfile(args.results) else {}
-    model, vocab, ckpt = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
+    model, vocab, ckpt = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
     datastore = datastores.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
     if args.verify:
@@ -65,7 +65,7 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
         corpora.check_not_built_from(datastore, paths.values())
     tokens = {}
     for split, path in paths.items():  # every split read and checked before the long passes
-        tokens[split] = corpora.check_has_words(vocab.encode_file(path), vocab, path, "evaluate")[
+        tokens[split] = corpora.check_has_words(vocab.encode_file(path), path, "evaluate")[
             :None if args.max_tokens is None else args.max_tokens + 1]
 searched_by = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
           f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")

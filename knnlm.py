@@ -87,6 +87,10 @@ class Vocab:
         get, unk = self.stoi.get, self.unk
         return torch.tensor([get(w, unk) for w in read_words(path)], dtype=torch.long)
 
+    def encode_prompt(self, text):
+        """A prompt that begins a new paragraph: <eos>, then its words."""
+        return [self.stoi[EOS]] + [self.stoi.get(w, self.unk) for w in text.split()]
+
     def decode(self, ids):
         return " ".join(self.itos[i] for i in ids)
 

@@ -27,7 +27,7 @@ from knnlm_tools import corpora, checkpoints, datastores, cli
 CONTEXT_WORDS = 12  # words of stored text shown before a neighbour
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[cli.arguments("checkpoint", "datastore", "k", "lambda", "temperature",
+                                 parents=[cli.arguments("checkpoint", "window", "datastore", "k", "lambda", "temperature",
                                                               "nprobe", "device")])
 parser.add_argument("--prompt", default="", help="words to continue (default: empty, a new paragraph)")
 parser.add_argument("--tokens", type=cli.positive_int, default=40, help="tokens to generate (default: %(default)s)")
@@ -48,18 +48,18 @@ if (args.top_k or args.top_p) and not args.sample:
     parser.error("--top-k and --top-p cut the distribution --sample draws from: add --sample")
 
 with cli.user_errors(interrupted="nothing was generated"):
-    model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
+    model, vocab, _ = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
     datastore = datastores.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
     backend = datastore.use(args.backend, args.device, args.k, args.nprobe)
-prompt = [vocab.stoi[knnlm.EOS]] + [vocab.stoi.get(w, vocab.unk) for w in args.prompt.split()]
+prompt = vocab.encode_prompt(args.prompt)
 print(f"model {args.checkpoint}, datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), "
       f"search {backend}; k = {args.k}, λ = {args.lmbda}, T = {args.temperature}, "
       + (f"sampled (seed {args.seed})" if args.sample else "greedy"))
 
 
 def text(ids):
-    return vocab.decode(ids).replace(knnlm.EOS, "¶")
+    return vocab.decode(ids).replace(knnlm.EOS, "¶").replace("\n", "¶")
 
 
 def pick(log_p, generator):

@@ -109,10 +109,10 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
     data_dir = corpora.resolve_corpus(args.data)
     train_path = knnlm.split_path(data_dir, "train")
     vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)
-    train = corpora.check_has_words(vocab.encode_file(train_path), vocab, train_path, "train on")
+    train = corpora.check_has_words(vocab.encode_file(train_path), train_path, "train on")
     corpus = {"file": train_path, "sha256": corpora.file_fingerprint(train_path)}
     valid_path = knnlm.split_path(data_dir, "valid")
-    valid = corpora.check_has_words(vocab.encode_file(valid_path), vocab, valid_path, "validate on")[:args.eval_tokens]
+    valid = corpora.check_has_words(vocab.encode_file(valid_path), valid_path, "validate on")[:args.eval_tokens]
     if len(train) < block_size + 2 or len(valid) < 2:
         raise knnlm.KnnlmError(f"{data_dir}: train has {len(train)} tokens and valid {len(valid)}; "
                                f"training needs more than the context of {block_size} tokens")

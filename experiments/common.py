@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
 
 def parser(doc, split="valid"):
     p = Parser(prog=program(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-               parents=[cli.arguments("data", "checkpoint", "datastore", "k", "device")])
+               parents=[cli.arguments("data", "checkpoint", "window", "datastore", "k", "device")])
     cli.backend_argument(p, choices=("auto", "torch", "ext"))  # the analyses search exactly
     p.add_argument("--split", default=split, choices=knnlm.SPLITS, help="split to analyse (default: %(default)s)")
     p.add_argument("--cache-dir", default="runs/cache",
@@ -52,7 +52,7 @@ def load(args, datastore=None):
     """-> (model, vocab, datastore, the corpus directory) from the common options, checked; the
     datastore is searched exactly, by --backend."""
     with cli.user_errors():
-        model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint, cli.check_device(args.device))
+        model, vocab, _ = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
         datastore = datastores.DiskDatastore(datastore or args.datastore)
         datastore.check_model(model, vocab, args.checkpoint)
         datastore.use(exact_backend(args, datastore), args.device, args.k)
@@ -71,6 +71,7 @@ def build_datastore(args, data, out, key_type="ffn_in_ln"):
     if not os.path.isfile(os.path.join(out, "meta.json")):
         built = subprocess.run([sys.executable, os.path.join(ROOT, "build_datastore.py"), "--data", data,
                                 "--checkpoint", args.checkpoint, "--key-type", key_type, "--out", out,
+                                *(["--window", str(args.window)] if args.window else []),
                                 "--device", args.device])
         if built.returncode != 0:
             raise knnlm.KnnlmError(f"building the datastore {out} of {data} failed (build_datastore.py exited with "
@@ -103,7 +104,8 @@ def cached_pass(args, model, vocab, datastore, data_dir, split=None):
     path = knnlm.split_path(data_dir, split)
     with cli.user_errors():
         corpora.check_not_built_from(datastore, [path])
-    key = {"model": checkpoints.fingerprint(model, vocab), "text": corpora.file_fingerprint(path), "k": args.k,
+    key = {"model": checkpoints.fingerprint(model, vocab), "window": model.cfg.block_size,
+           "text": corpora.file_fingerprint(path), "k": args.k,
            "datastore": {f: getattr(datastore.meta, f) for f in ("count", "key_type", "source", "model_fingerprint")}}
 
     def compute():

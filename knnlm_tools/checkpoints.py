@@ -1,6 +1,8 @@
 """
 Checkpoints: the model, its vocabulary and a fingerprint of both, written atomically and read
-as tensors and plain data only (a checkpoint that carries code is refused before it runs).
+as tensors and plain data only (a checkpoint that carries code is refused before it runs);
+and load_model, which also takes a Hugging Face model (knnlm_tools/huggingface.py) where a
+script takes --checkpoint.
 """
 import hashlib
 import json
@@ -13,15 +15,20 @@ import torch
 
 import knnlm
 from knnlm import KnnlmError
+from knnlm_tools import huggingface
 from knnlm_tools.files import atomic_write
 
 
 def vocab_fingerprint(vocab):
-    return hashlib.sha256("\n".join(vocab.itos).encode()).hexdigest()[:16]
+    """A short hash of the vocabulary (a Hugging Face tokenizer: its whole definition)."""
+    return hashlib.sha256((getattr(vocab, "identity", None) or "\n".join(vocab.itos)).encode()).hexdigest()[:16]
 
 
 def fingerprint(model, vocab):
-    """A short hash of the weights, the config and the vocabulary: what a datastore depends on."""
+    """A short hash of the weights, the config and the vocabulary: what a datastore depends on
+    (a Hugging Face model's is computed once, when it is loaded)."""
+    if isinstance(model, huggingface.HuggingFaceLM):
+        return model.known_fingerprint
     h = hashlib.sha256(json.dumps(asdict(model.cfg), sort_keys=True).encode())
     h.update("\n".join(vocab.itos).encode())
     for name, t in sorted(model.state_dict().items()):
@@ -40,6 +47,30 @@ def save_checkpoint(path, model, vocab, **extra):
 
 
 CHECKPOINT_FIELDS = ("config", "model", "vocab", "fingerprint")
+
+
+def load_model(spec, device="cpu", window=None):
+    """--checkpoint: a checkpoint of train.py, or a Hugging Face causal LM (a directory written by
+    save_pretrained, or a hub name) -> (model in eval mode, vocab, {"config", "fingerprint", ...}).
+    Both models return logits and keys alike; window is a Hugging Face model's (default: its
+    context, at most huggingface.DEFAULT_WINDOW), the project's models have their own."""
+    if huggingface.is_huggingface(spec):
+        return huggingface.load(spec, device, window)
+    model, vocab, ckpt = load_checkpoint(spec, device)
+    if window is not None and window != model.cfg.block_size:
+        raise KnnlmError(f"--window is for Hugging Face models: {spec} has a fixed context of {model.cfg.block_size} tokens")
+    return model, vocab, ckpt
+
+
+def key_type(model, wanted):
+    """The key a datastore of this model stores when `wanted` is asked for: a Hugging Face model
+    without a feed-forward block found gives its final hidden state instead of the paper's key."""
+    if isinstance(model, huggingface.HuggingFaceLM):
+        if wanted not in huggingface.KEY_TYPES:
+            raise KnnlmError(f"--key-type {wanted} is one of the project's own models; a Hugging Face model's keys are "
+                             + ", ".join(huggingface.KEY_TYPES))
+        return wanted if wanted in model.key_types else "final_hidden"
+    return wanted
 
 
 def load_checkpoint(path, device="cpu"):

@@ -87,7 +87,13 @@ ARGUMENTS = {  # the flags the scripts and experiments share: name -> (flag, its
     "data": ("--data", dict(default="data/wikitext-103-small",
                             help="directory with wiki.{train,valid,test}.tokens; a missing wikitext-103, wikitext-2 "
                                  "or wikitext-103-small directory is downloaded (default: %(default)s)")),
-    "checkpoint": ("--checkpoint", dict(default="runs/model.pt", help="model from train.py (default: %(default)s)")),
+    "checkpoint": ("--checkpoint", dict(default="runs/model.pt",
+                                        help="model from train.py, or a Hugging Face causal LM: a directory written by "
+                                             "save_pretrained (export.py writes the project's) or a hub name such as "
+                                             "gpt2 (default: %(default)s)")),
+    "window": ("--window", dict(type=positive_int, default=None,
+                                help="a Hugging Face model's window in tokens (default: its context, at most "
+                                     "1024); the project's models have their own")),
     "datastore": ("--datastore", dict(default="runs/datastore",
                                       help="datastore from build_datastore.py, from this corpus or another "
                                            "(default: %(default)s)")),

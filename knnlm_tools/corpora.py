@@ -36,9 +36,9 @@ def check_corpus(data_dir):
     return data_dir
 
 
-def check_has_words(tokens, vocab, path, what):
+def check_has_words(tokens, path, what):
     """tokens, unless the text they were read from has no word at all (only blank lines)."""
-    if not (tokens != vocab.stoi[knnlm.EOS]).any():
+    if not any(knnlm.read_lines(path)):
         raise KnnlmError(f"{path} has no words, only blank lines: nothing to {what}")
     return tokens
 

@@ -22,6 +22,7 @@ import knnlm
 from knnlm import KnnlmError
 from knnlm_tools.files import (check_disk_space, check_same, read_json,
                                release_pages, write_json, writer_pid, writing)
+from knnlm_tools import huggingface
 from knnlm_tools.checkpoints import fingerprint, vocab_fingerprint
 from knnlm_tools.manifests import Manifest, check_files
 from knnlm_tools.search import kernel_topk_l2, search_backend
@@ -160,7 +161,7 @@ class DiskDatastore(knnlm.Datastore):
         found = {"count": len(keys), "dim": keys.shape[1] if keys.ndim == 2 else None, "key_dtype": str(keys.dtype)}
         check_same({f: meta[f] for f in found}, found, f"{path}/meta.json", f"{path}/keys.npy")
         check_same({"count": meta["count"]}, {"count": len(vals)}, f"{path}/meta.json", f"{path}/vals.npy")
-        if self.meta.key_type not in knnlm.KEY_TYPES:
+        if self.meta.key_type not in {**knnlm.KEY_TYPES, **huggingface.KEY_TYPES}:
             raise KnnlmError(f"datastore {path} has an unknown key type {self.meta.key_type!r}")
         self.keys, self.vals, self.key_type = torch.from_numpy(keys), torch.from_numpy(vals), self.meta.key_type
         self.key_norms = knnlm.squared_norms(self.keys, release=lambda: release_pages(self.key_file))
@@ -183,7 +184,11 @@ class DiskDatastore(knnlm.Datastore):
         """Refuse a model this datastore was not built by (a datastore of another corpus is fine)."""
         wanted = {"dim": model.cfg.d_model, "vocab_fingerprint": vocab_fingerprint(vocab),
                   "model_fingerprint": fingerprint(model, vocab)}
-        check_same(wanted, asdict(self.meta), name, "the datastore")
+        try:
+            check_same(wanted, asdict(self.meta), name, "the datastore")
+        except KnnlmError as e:
+            raise KnnlmError(f"{e}: {self.path} was built with another model or tokenizer; build_datastore.py "
+                             "builds one with this model") from None
 
     def head(self, n):
         """The datastore of its first n rows, i.e. of the first n + 1 tokens of its text (exact search only)."""
