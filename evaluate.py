@@ -7,6 +7,12 @@ from one pass that computes p_LM and the k nearest neighbours of every token.
 
 --tune picks λ and the temperature on the validation split (one pass, then cheap
 re-mixing of the cached p_LM and neighbours) and evaluates --split with them.
+
+--cache adds the continuous cache (knnlm.py, section 7) and prints the paper's Table 1:
+LM, LM + cache, kNN-LM, kNN-LM + cache; with --tune its θ and weight are tuned on valid
+too: θ and λ_c for LM + cache, then for kNN-LM + cache λ_c, λ and T jointly at that θ.
+
+    python evaluate.py --tune --cache --results results/wikitext-103-small.json
 """
 import argparse
 import math
@@ -32,6 +38,16 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
                          "(default: on, as in the paper)")
 parser.add_argument("--tune", action="store_true",
                     help="choose λ and temperature on the valid split, then evaluate --split with them")
+parser.add_argument("--cache", action="store_true",
+                    help="also the continuous cache of the paper's Table 1 (Grave et al., 2017): LM + cache and "
+                         "kNN-LM + cache")
+parser.add_argument("--cache-window", type=cli.positive_int, default=knnlm.CACHE_WINDOW,
+                    help="--cache: the previous positions it holds (default: %(default)s)")
+parser.add_argument("--cache-theta", type=cli.finite_float(0, low_open=True), default=None,
+                    help="--cache: θ of p_cache ∝ exp(θ h_t · h_i) (tuned on valid by --tune; else needed)")
+parser.add_argument("--cache-lambda", type=cli.finite_float(0, 1), default=None,
+                    help="--cache: its weight λ_c, p = λ_c p_cache + (1 - λ_c) p_LM (tuned on valid by --tune; "
+                         "else needed)")
 parser.add_argument("--max-tokens", type=cli.positive_int, default=None,
                     help="score only the first N tokens of each split (default: all of them)")
 parser.add_argument("--results", default=None, help="also write valid and test perplexities to this JSON file")
@@ -43,6 +59,8 @@ parser.add_argument("--allow-eval-split-datastore", action="store_true",
                          "finds itself among its neighbours, and the perplexity means nothing)")
 args = parser.parse_args()
 cli.check_knnlm_arguments(parser, args)
+if args.cache and not args.tune and (args.cache_theta is None or args.cache_lambda is None):
+    parser.error("--cache needs --cache-theta and --cache-lambda, or --tune to choose them on valid")
 
 start = time.time()
 outputs = ExitStack()  # the results file: checked, and locked against a second writer, before any work
@@ -67,6 +85,10 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     for split, path in paths.items():  # every split read and checked before the long passes
         tokens[split] = corpora.check_has_words(vocab.encode_file(path), path, "evaluate")[
             :None if args.max_tokens is None else args.max_tokens + 1]
+        if args.cache and len(tokens[split]) - 1 < args.cache_window:
+            raise knnlm.KnnlmError(f"--cache-window {args.cache_window} is more than the {len(tokens[split]) - 1:,} "
+                                   f"tokens scored of {split}: the cache would never fill (it holds every earlier "
+                                   "token of the text until it has the window's); pass a smaller --cache-window")
 searched_by = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
           f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")
 print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), search: {searched_by}; "
@@ -74,7 +96,8 @@ print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type
 
 
 def score(split):
-    return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size, desc=split)
+    return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size, desc=split,
+                             keep_queries=args.cache)
 
 
 def lower(ppl, lm_ppl):
@@ -88,17 +111,34 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.tune:
         args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES)
         print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
+    if args.cache and args.tune:
+        args.cache_theta, args.cache_lambda, _, _, ppl = knnlm.tune_cache(caches["valid"], args.cache_window)
+        print(f"tuned on valid: cache θ = {args.cache_theta}, λ_c = {args.cache_lambda} (valid LM + cache ppl {ppl:.2f})")
+        *with_knnlm, ppl = knnlm.tune_cache(caches["valid"], args.cache_window, thetas=[args.cache_theta],
+                                           lambdas=knnlm.LAMBDAS, temperatures=knnlm.TEMPERATURES)
+        print("tuned on valid, with kNN-LM: θ = {}, λ_c = {}, λ = {}, T = {} (valid kNN-LM + cache ppl {:.2f})".format(
+            *with_knnlm, ppl))
+    elif args.cache:
+        with_knnlm = [args.cache_theta, args.cache_lambda, args.lmbda, args.temperature]
     for split in splits:
         if split not in caches:
             caches[split] = score(split)
 
-lm_ppl, knnlm_ppl = {}, {}
+lm_ppl, knnlm_ppl, cache_ppl, knnlm_cache_ppl = {}, {}, {}, {}
 for split, cache in caches.items():
     lm_ppl[split] = knnlm.perplexity(cache["log_p_lm"])
     knnlm_ppl[split] = knnlm.perplexity(knnlm.knnlm_log_probs(cache, args.lmbda, args.temperature))
     print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
           f"({lower(knnlm_ppl[split], lm_ppl[split])}) at k={args.k}, λ={args.lmbda}, "
           f"T={args.temperature}; search {len(cache['targets']) / cache['search_seconds']:,.0f} queries/s")
+    if args.cache:  # the paper's Table 1
+        cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, args.cache_theta, args.cache_lambda,
+                                                                  args.cache_window))
+        theta, lambda_cache, lmbda, T = with_knnlm
+        knnlm_cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, theta, lambda_cache, args.cache_window,
+                                                                        lmbda, T, args.k))
+        print(f"{split}: Table 1 | LM {lm_ppl[split]:.2f} | + cache {cache_ppl[split]:.2f} | kNN-LM {knnlm_ppl[split]:.2f} "
+              f"| kNN-LM + cache {knnlm_cache_ppl[split]:.2f} (cache of {args.cache_window} positions)")
     if knnlm_ppl[split] == float("inf"):
         print(f"{split}: the kNN-LM perplexity is infinite: at λ = {args.lmbda} some token got probability 0 "
               "(λ = 1 and none of its neighbours carries it)")
@@ -110,6 +150,11 @@ if args.results:
                "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
                "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
                "key_type": datastore.key_type, "min_context": min_context, "measured_with": setting,
+               **({"cache_ppl": cache_ppl, "knnlm_cache_ppl": knnlm_cache_ppl,
+                   "cache": {"window": args.cache_window, "key": datastore.key_type, "theta": args.cache_theta,
+                             "lambda": args.cache_lambda, "with_knnlm": dict(zip(
+                                 ("theta", "lambda_cache", "lambda", "temperature"), with_knnlm))}}
+                  if args.cache else {}),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
                "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv)}
     backends = earlier.get("backends")  # bench.index's search backends, kept only beside the numbers they belong to

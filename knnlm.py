@@ -8,7 +8,8 @@ kNN-LM: "Generalization through Memorization: Nearest Neighbor Language Models"
     4. Exact search  the k nearest keys by squared L2
     5. FAISS index   the paper's approximate search (IVF-PQ), re-ranked exactly
     6. kNN-LM        p_kNN from the neighbours (eq. 2), mixed with p_LM (eq. 3)
-    7. Evaluation    perplexity over a whole split with a sliding window
+    7. Cache         the continuous cache of Table 1 (Grave et al., 2017): the text's own recent past
+    8. Evaluation    perplexity over a whole split with a sliding window
 
 Everything around the method (downloads, checkpoints, datastores on disk and their manifests,
 resumable and sharded builds, the FAISS index build pipeline, the C++/CUDA kernel, locks)
@@ -198,7 +199,7 @@ class TransformerLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sliding windows, shared by the datastore (section 3) and the evaluation (7).
+# Sliding windows, shared by the datastore (section 3) and the evaluation (8).
 # Every target token is scored exactly once and, past the start of the text,
 # with at least `min_context` tokens of left context: windows of `block_size`
 # tokens advance by `block_size - min_context`, and only the targets not yet
@@ -472,7 +473,41 @@ def interpolate(log_p_lm, log_p_knn, lmbda):
 
 
 # -----------------------------------------------------------------------------
-# 7. Evaluation
+# 7. Continuous cache (Grave et al., 2017): Table 1's other memory
+# The hidden states h_i of the previous W positions of the text being scored, each
+# with the token x_{i+1} that followed it; for position t
+#     p_cache(w | x) ∝ Σ_{t-W ≤ i < t, x_{i+1} = w} exp(θ h_t · h_i)
+# It reaches back W tokens (thousands), beyond the model's context, into the same
+# document: names and rare words seen there come back. Mixed like p_kNN:
+#     p' = λ_c p_cache + (1 - λ_c) p_LM,   then kNN-LM on top: p = λ p_kNN + (1 - λ) p'.
+# h is the kNN query key (the datastore's key type, by default the paper's best),
+# so one forward pass serves both memories. Only tokens up to t enter p at t: h_i
+# sees x_{≤i} and its value x_{i+1} is at most x_t, the last token the model read.
+
+CACHE_WINDOW = 2048                                         # W: previous positions kept
+CACHE_THETAS = [2.0 ** i for i in range(-8, 3)]             # θ, tuned on valid: 1/256 ... 4
+CACHE_LAMBDAS = [i / 20 for i in range(20)]                 # λ_c, tuned on valid: 0, 0.05, ..., 0.95
+
+
+def cache_log_prob(keys, targets, theta, window=CACHE_WINDOW, block=512):
+    """log p_cache(target_t) for every position t of one text: keys [n, d] float32 (h_t) and targets
+    [n] (x_{t+1}), in text order. A position whose cache holds no target gets -inf, the first
+    (an empty cache) too."""
+    n, out = len(keys), torch.empty(len(keys))
+    for s in range(0, n, block):
+        e, lo = min(s + block, n), max(0, s - window)
+        t, i = torch.arange(s, e)[:, None], torch.arange(lo, e)[None]
+        scores = (keys[s:e] @ keys[lo:e].T).mul_(theta)                     # θ h_t · h_i  [b, e - lo]
+        scores.masked_fill_((i >= t) | (i < t - window), -math.inf)        # the W positions before t
+        log_norm = torch.logsumexp(scores, dim=1)
+        carries = targets[lo:e][None] == targets[s:e, None]                  # x_{i+1} = x_{t+1}
+        log_p = torch.logsumexp(scores.masked_fill_(~carries, -math.inf), dim=1) - log_norm
+        out[s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 8. Evaluation
 # One pass over a split computes, for every target token, log p_LM and the k
 # nearest neighbours of its query key. Any (λ, T) is then a cheap re-mix of that
 # cache, so tuning on the validation split costs one pass.
@@ -544,3 +579,33 @@ def tune(cache, lambdas, temperatures, k=None):
             results.append((perplexity(interpolate(cache["log_p_lm"], log_p_knn, lmbda)), lmbda, T))
     ppl, lmbda, T = min(results)
     return lmbda, T, ppl, results
+
+
+def cache_log_probs(cache, theta, lambda_cache, window=CACHE_WINDOW, lmbda=0.0, temperature=1.0, k=None):
+    """Re-mix a score_split cache kept with its queries (keep_queries) with the continuous cache: log p(target)
+    of LM + cache at (θ, λ_c) for every token, and of kNN-LM on top of it at (λ, T) when λ > 0."""
+    log_p_cache = cache_log_prob(cache["queries"], cache["targets"], theta, window)
+    log_p = interpolate(cache["log_p_lm"], log_p_cache, lambda_cache)
+    if not lmbda:
+        return log_p
+    return interpolate(log_p, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"],
+                                           temperature), lmbda)
+
+
+def tune_cache(cache, window=CACHE_WINDOW, thetas=CACHE_THETAS, cache_lambdas=CACHE_LAMBDAS, lambdas=(0.0,),
+               temperatures=(1.0,), k=None):
+    """Grid search of the cache's θ and λ_c on a cache kept with its queries: over LM + cache alone
+    (lambdas (0,)), or jointly with kNN-LM's λ and T on top; -> (θ, λ_c, λ, T, perplexity), the best."""
+    knn = ([(T, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], T))
+            for T in temperatures] if any(lambdas) else [(temperatures[0], None)])
+    best = (math.inf, None, None, None, None)
+    for theta in thetas:
+        log_p_cache = cache_log_prob(cache["queries"], cache["targets"], theta, window)
+        for lambda_cache in cache_lambdas:
+            base = interpolate(cache["log_p_lm"], log_p_cache, lambda_cache)
+            for T, log_p_knn in knn:
+                for lmbda in lambdas:
+                    log_p = base if log_p_knn is None else interpolate(base, log_p_knn, lmbda)
+                    best = min(best, (perplexity(log_p), theta, lambda_cache, lmbda, T), key=lambda r: r[0])
+    ppl, theta, lambda_cache, lmbda, T = best
+    return theta, lambda_cache, lmbda, T, ppl

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, train the LM, build the datastore from
-# its training split, then evaluate kNN-LM (λ and temperature tuned on valid only).
+# its training split, then evaluate kNN-LM (λ and temperature tuned on valid only) and,
+# in the main job, the paper's Table 1: LM, + continuous cache, kNN-LM, kNN-LM + cache.
 #
 #   bash run.sh [--quick] [DATA_DIR]
 #
@@ -27,5 +28,5 @@ else
     pip install --no-build-isolation -e .   # the C++ search kernel of csrc/
     python train.py --data "$data"
     python build_datastore.py --data "$data"
-    python evaluate.py --data "$data" --k 1024 --tune --results "results/$(basename "$data").json"
+    python evaluate.py --data "$data" --k 1024 --tune --cache --results "results/$(basename "$data").json"
 fi
