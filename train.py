@@ -40,6 +40,9 @@ parser.add_argument("--preset", default="cpu-small", choices=PRESETS,
 parser.add_argument("--min-freq", type=cli.positive_int, default=3,
                     help="words seen fewer times in train become <unk> (default: %(default)s)")
 parser.add_argument("--max-vocab", type=cli.positive_int, default=None, help="cap on the vocabulary size, <eos> and <unk> included")
+parser.add_argument("--train-tokens", type=cli.positive_int, default=None,
+                    help="train on the first N tokens of the training split only; the vocabulary still comes from all "
+                         "of it (the analyses' smaller models; default: all of it)")
 parser.add_argument("--dropout", type=cli.finite_float(0, 1, high_open=True), default=0.2,
                     help="dropout, in [0, 1) (default: %(default)s)")
 parser.add_argument("--max-iters", type=cli.positive_int, default=600, help="optimizer steps (default: %(default)s)")
@@ -65,7 +68,7 @@ if args.min_lr > args.lr:
 last_path = os.path.splitext(args.out)[0] + ".last.pt"
 # what the model of a run depends on besides the config, vocabulary and corpus: --resume must be given the same
 RESUME_ARGUMENTS = ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_size", "max_iters",
-                    "eval_interval", "eval_tokens", "seed")
+                    "eval_interval", "eval_tokens", "seed", "train_tokens")
 
 
 def learning_rate(step):
@@ -111,6 +114,10 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
     vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)
     train = corpora.check_has_words(vocab.encode_file(train_path), train_path, "train on")
     corpus = {"file": train_path, "sha256": corpora.file_fingerprint(train_path)}
+    if args.train_tokens is not None:
+        if args.train_tokens > len(train):
+            raise knnlm.KnnlmError(f"--train-tokens {args.train_tokens:,}: {train_path} has {len(train):,} tokens")
+        train, corpus["tokens"] = train[:args.train_tokens], args.train_tokens
     valid_path = knnlm.split_path(data_dir, "valid")
     valid = corpora.check_has_words(vocab.encode_file(valid_path), valid_path, "validate on")[:args.eval_tokens]
     if len(train) < block_size + 2 or len(valid) < 2:
@@ -131,6 +138,7 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
     first_step, best_ppl, best_step = 0, math.inf, None
+    history, losses = [], []  # the curve, at each validation: step, mean training loss since the last, valid ppl
     if args.resume:
         _, last_vocab, last = checkpoints.load_checkpoint(last_path, args.device)
         files.check_same({"config": asdict(cfg), "vocab": checkpoints.vocab_fingerprint(vocab), "corpus": corpus["sha256"],
@@ -141,7 +149,7 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
                              "these arguments", last_path)
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
-        first_step, best_ppl = last["step"], last["best_ppl"]
+        first_step, best_ppl, history = last["step"], last["best_ppl"], last.get("history", [])
         best_step = last.get("best_step", first_step if math.isfinite(best_ppl) else None)  # (older .last.pt files)
         torch.set_rng_state(last["rng"])
         if "cuda_rng" in last:
@@ -163,16 +171,20 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}",
                         tok_per_s=f"{(step + 1 - first_step) * x.numel() / (time.time() - start):.0f}")
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
             ppl = validation_ppl()
+            history.append({"step": step + 1, "train_loss": sum(losses) / len(losses), "valid_ppl": ppl})
+            losses = []
             if ppl < best_ppl:
                 best_ppl, best_step = ppl, step + 1
-                checkpoints.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus, args=vars(args))
+                checkpoints.save_checkpoint(args.out, model, vocab, step=step + 1, valid_ppl=ppl, corpus=corpus,
+                                            history=history, args=vars(args))
             cuda_rng = {"cuda_rng": torch.cuda.get_rng_state_all()} if args.device.startswith("cuda") else {}
             checkpoints.save_checkpoint(last_path, model, vocab, step=step + 1, valid_ppl=ppl, best_ppl=best_ppl,
-                                      best_step=best_step, corpus=corpus,
+                                      best_step=best_step, corpus=corpus, history=history,
                                   optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), **cuda_rng, args=vars(args))
             tqdm.write(f"step {step + 1}: train loss {loss.item():.3f}, valid ppl {ppl:.2f} "
                        f"(best {best_ppl:.2f}), {time.time() - start:.0f}s")

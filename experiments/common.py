@@ -48,13 +48,14 @@ def parser(doc, split="valid"):
     return p
 
 
-def load(args, datastore=None):
-    """-> (model, vocab, datastore, the corpus directory) from the common options, checked; the
-    datastore is searched exactly, by --backend."""
+def load(args, datastore=None, checkpoint=None):
+    """-> (model, vocab, datastore, the corpus directory) from the common options (or another
+    datastore and checkpoint), checked; the datastore is searched exactly, by --backend."""
+    checkpoint = checkpoint or args.checkpoint
     with cli.user_errors():
-        model, vocab, _ = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
+        model, vocab, _ = checkpoints.load_model(checkpoint, cli.check_device(args.device), args.window)
         datastore = datastores.DiskDatastore(datastore or args.datastore)
-        datastore.check_model(model, vocab, args.checkpoint)
+        datastore.check_model(model, vocab, checkpoint)
         datastore.use(exact_backend(args, datastore), args.device, args.k)
         data_dir = corpora.resolve_corpus(args.data)
     return model, vocab, datastore, data_dir
@@ -66,16 +67,42 @@ def exact_backend(args, datastore):
     return search.search_backend(args.backend, args.device, datastore.keys.device, args.k)
 
 
-def build_datastore(args, data, out, key_type="ffn_in_ln"):
+def build_datastore(args, data, out, key_type="ffn_in_ln", checkpoint=None):
     """Build (or finish) a datastore with build_datastore.py, as a user would, unless it is there."""
     if not os.path.isfile(os.path.join(out, "meta.json")):
         built = subprocess.run([sys.executable, os.path.join(ROOT, "build_datastore.py"), "--data", data,
-                                "--checkpoint", args.checkpoint, "--key-type", key_type, "--out", out,
+                                "--checkpoint", checkpoint or args.checkpoint, "--key-type", key_type, "--out", out,
                                 *(["--window", str(args.window)] if args.window else []),
                                 "--device", args.device])
         if built.returncode != 0:
             raise knnlm.KnnlmError(f"building the datastore {out} of {data} failed (build_datastore.py exited with "
                                    f"{built.returncode}; its message is above)")
+
+
+def train_model(args, out, **flags):
+    """Train (or finish) a model with train.py, as a user would, with these flags (max_iters=120 ->
+    --max-iters 120): skipped when out's last state has reached --max-iters with the same flags,
+    resumed (--resume) when it stopped short. -> the seconds train.py ran (0 when skipped)."""
+    last_path = os.path.splitext(out)[0] + ".last.pt"
+    resume = []
+    if os.path.isfile(last_path) and os.path.isfile(out):
+        with cli.user_errors():
+            _, _, last = checkpoints.load_checkpoint(last_path)
+        other = {name: last["args"].get(name) for name, value in flags.items() if last["args"].get(name) != value}
+        if other:
+            raise knnlm.KnnlmError(f"{out} is a model trained with other arguments ({other}, not "
+                                   f"{ {name: flags[name] for name in other} }): remove it, or pass another --work")
+        if last["step"] >= flags["max_iters"]:
+            print(f"{out}: trained ({last['step']} steps)")
+            return 0
+        resume = ["--resume"]
+    start = time.time()
+    trained = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data, "--out", out,
+                              "--device", args.device, *resume,
+                              *(f for name, value in flags.items() for f in (f"--{name.replace('_', '-')}", str(value)))])
+    if trained.returncode != 0:
+        raise knnlm.KnnlmError(f"training {out} failed (train.py exited with {trained.returncode}; its message is above)")
+    return time.time() - start
 
 
 def cached(args, prefix, key, compute):
@@ -98,20 +125,22 @@ def cached(args, prefix, key, compute):
     return result
 
 
-def cached_pass(args, model, vocab, datastore, data_dir, split=None):
-    """score_split over a split (p_LM, the neighbours and the query keys of every token), cached."""
+def cached_pass(args, model, vocab, datastore, data_dir, split=None, tokens=None):
+    """score_split over a split, or its first `tokens` tokens (p_LM, the neighbours and the query
+    keys of every token), cached."""
     split = split or args.split
     path = knnlm.split_path(data_dir, split)
     with cli.user_errors():
         corpora.check_not_built_from(datastore, [path])
     key = {"model": checkpoints.fingerprint(model, vocab), "window": model.cfg.block_size,
            "text": corpora.file_fingerprint(path), "k": args.k,
-           "datastore": {f: getattr(datastore.meta, f) for f in ("count", "key_type", "source", "model_fingerprint")}}
+           "datastore": {f: getattr(datastore.meta, f) for f in ("count", "key_type", "source", "model_fingerprint")},
+           **({"tokens": tokens} if tokens is not None else {})}
 
     def compute():
-        return knnlm.score_split(model, vocab.encode_file(path), datastore, args.k,
+        return knnlm.score_split(model, vocab.encode_file(path)[:tokens], datastore, args.k,
                                  desc=f"{split} (one pass, then cached)", keep_queries=True)
-    return cached(args, split, key, compute)
+    return cached(args, split if tokens is None else f"{split}-first{tokens}", key, compute)
 
 
 def search_all(datastore, queries, k, batch=2048, desc="search"):

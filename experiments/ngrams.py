@@ -4,7 +4,8 @@ n-grams are not enough (the paper's section 6, Figure 7): interpolated Kneser-Ne
 text, through the model's vocabulary), each interpolated with the Transformer LM,
     p = w p_ngram + (1 - w) p_LM,   w tuned on the split,
 against kNN-LM over the same training text (λ and T tuned the same way). If kNN-LM only
-remembered which words follow which, an n-gram LM of that text would give the same gain.
+remembered which words follow which, an n-gram LM of that text would give the same gain, and
+kNN-LM mixed on top of LM + n-gram LM (λ and T tuned again) would add little.
 
 p_LM and the neighbours come from the cached pass of experiments/sweeps.py (computed here if
 missing).
@@ -44,8 +45,10 @@ for n in sorted(set(args.orders)):
     log_p = torch.tensor(ngram.log_probs(text))
     curve = {w: knnlm.perplexity(knnlm.interpolate(cache["log_p_lm"], log_p, w)) for w in knnlm.LAMBDAS[:-1]}
     w = min(curve, key=curve.get)
+    on_top = common.best({**cache, "log_p_lm": knnlm.interpolate(cache["log_p_lm"], log_p, w)})
     rows.append({"order": n, "ngram_ppl": knnlm.perplexity(log_p), "weight": w, "lm_plus_ngram_ppl": curve[w],
                  "gain": lm_ppl - curve[w], "discounts": list(ngram.discounts.values()),
+                 "plus_knnlm": {**on_top, "gain": curve[w] - on_top["ppl"]},
                  "seconds": round(time.time() - start, 1)})
     print(rows[-1])
 knn = common.best(cache)
@@ -56,6 +59,8 @@ numbers = {"split": args.split, "lm_ppl": lm_ppl, "knnlm": {**knn, "gain": lm_pp
 fig, ax = plt.subplots(figsize=(6.5, 4.2))
 orders = [r["order"] for r in rows]
 ax.plot(orders, [r["lm_plus_ngram_ppl"] for r in rows], marker="o", label="LM + n-gram LM (weight tuned)")
+ax.plot(orders, [r["plus_knnlm"]["ppl"] for r in rows], marker="o", color="C3", ls=":",
+        label="LM + n-gram LM, then kNN-LM on top")
 ax.axhline(lm_ppl, color="gray", ls="--", label=f"LM alone ({lm_ppl:.1f})")
 ax.axhline(knn["ppl"], color="C3", ls="-", label=f"kNN-LM ({knn['ppl']:.1f})")
 ax.set(xlabel="n-gram order n", ylabel=f"{args.split} perplexity", xticks=orders,

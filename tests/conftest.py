@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import knnlm
-from knnlm_tools import checkpoints, datastores
-from helpers import WORDS, run, tiny_model, write_corpus
+from knnlm_tools import datastores
+from helpers import WORDS, tiny_model, untrained_work
 
 
 @pytest.fixture
@@ -22,9 +22,4 @@ def built(tmp_path):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A corpus, an (untrained) checkpoint and its datastore, as the scripts leave them: (root, corpus)."""
-    root = tmp_path_factory.mktemp("work")
-    data = write_corpus(root / "corpus", n_lines=(80, 15, 15))
-    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
-    run("build_datastore.py", "--data", data, cwd=root)
-    return root, data
+    return untrained_work(tmp_path_factory.mktemp("work"), (80, 15, 15))

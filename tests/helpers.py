@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import knnlm
-from knnlm_tools import manifests, datastores
+from knnlm_tools import checkpoints, manifests, datastores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the cat sat on a mat and the dog ran to the park while it rained on the town".split()
@@ -32,6 +32,16 @@ def tiny_model(vocab_size, block_size=16, d_model=16, seed=0):
     cfg = knnlm.ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=d_model,
                             dropout=0.0)
     return knnlm.TransformerLM(cfg).eval()
+
+
+def untrained_work(root, n_lines, *build_args):
+    """A corpus, an untrained tiny checkpoint (runs/model.pt) and its datastore built by build_datastore.py
+    (with build_args), as the scripts leave them in root: -> (root, the corpus directory)."""
+    data = write_corpus(root / "corpus", n_lines=n_lines)
+    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
+    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
+    run("build_datastore.py", "--data", data, *build_args, cwd=root)
+    return root, data
 
 
 def run(script, *args, cwd, check=True, **kwargs):

@@ -13,7 +13,7 @@ import torch
 import knnlm
 from knnlm_tools import corpora, datastores
 from experiments import to_wikitext
-from helpers import ROOT, WORDS, run, write_corpus
+from helpers import ROOT, WORDS, fails, run, write_corpus
 
 
 def run_module(module, *args, cwd, check=True):
@@ -194,3 +194,48 @@ def test_every_analysis_runs_from_its_command(trained):
     for record in explain["records"]:
         assert record["p_knn"] > record["p_lm"] or record["p_knn"] == 0  # the top of "p_kNN most exceeds p_LM"
         assert len(record["neighbours"]) == 3
+
+
+def test_section_6_and_table_3_analyses_run_from_their_commands(trained):
+    """Fig. 7, Table 3 / Fig. 2 and Fig. 8 on the tiny corpus: each mix at weight 0 is in the grid, so never worse
+    than what it is added to; the smaller models are train.py runs with the main model's arguments and vocabulary,
+    scored on the same tokens as the main model; rerun, nothing is trained again."""
+    tmp, data = trained
+    run_module("experiments.sweeps", "--data", data, "--k", "32", "--out", "out", cwd=tmp)
+    sweeps = results(tmp, "sweeps")
+
+    run_module("experiments.ngrams", "--data", data, "--k", "32", "--out", "out", "--orders", "1", "2", cwd=tmp)
+    ngrams = results(tmp, "ngrams")
+    assert [r["order"] for r in ngrams["ngrams"]] == [1, 2] and ngrams["lm_ppl"] == pytest.approx(sweeps["lm_ppl"])
+    assert {k: ngrams["knnlm"][k] for k in sweeps["best"]} == sweeps["best"]
+    for row in ngrams["ngrams"]:
+        assert row["lm_plus_ngram_ppl"] <= ngrams["lm_ppl"] and row["plus_knnlm"]["ppl"] <= row["lm_plus_ngram_ppl"]
+
+    common = ("--data", data, "--k", "32", "--out", "out", "--tokens", "100000")  # all of valid: the sweeps' cache
+
+    run_module("experiments.more_data", *common, "--fraction", "0.5", "--sizes", "2", cwd=tmp)
+    more = results(tmp, "more_data")
+    assert more["whole"]["lm_ppl"] == pytest.approx(sweeps["lm_ppl"]) and more["whole"]["knnlm"] == sweeps["best"]
+    small = torch.load(next((tmp / "runs" / "more_data").glob("first-*-tokens-10-steps/model.last.pt")))
+    trained_main = torch.load(tmp / "runs" / "model.pt")
+    assert small["vocab"] == trained_main["vocab"] and small["step"] == more["part"]["steps"] == 10  # half of 20
+    assert small["corpus"]["tokens"] == more["part"]["train_tokens"] == round(more["whole"]["train_tokens"] / 2)
+    assert [h["step"] for h in small["history"]] == [5, 10]  # train.py's curve, at each validation
+    sizes = more["part"]["datastore_sizes"]
+    assert sizes[-1]["keys"] == more["whole"]["datastore"] and sizes[0]["keys"] == round(sizes[-1]["keys"] / 2)
+    out = run_module("experiments.more_data", *common, "--fraction", "0.5", "--sizes", "2", cwd=tmp).stdout
+    assert "trained (10 steps)" in out and results(tmp, "more_data")["part"] == more["part"]
+
+    run_module("experiments.memorize", *common, "--train-tokens", "200", "--max-iters", "12", cwd=tmp)
+    memo = results(tmp, "memorize")
+    assert memo["models"]["memorizer"]["dropout"] == 0 and memo["models"]["regular"]["dropout"] == trained_main["config"]["dropout"]
+    assert [h["step"] for h in memo["models"]["memorizer"]["history"]] == list(range(1, 13))
+    for row in memo["models"].values():  # weight 0 is in the grid: mixing never does worse than the LM
+        assert row["mixed_ppl"] <= memo["lm_ppl"] and row["gain"] == pytest.approx(memo["lm_ppl"] - row["mixed_ppl"])
+    assert memo["lm_ppl"] == pytest.approx(sweeps["lm_ppl"]) and memo["knnlm"]["same_text"]["keys"] == 200
+    assert {k: memo["knnlm"]["whole_split"][k] for k in sweeps["best"]} == sweeps["best"]
+
+    fails(run_module("experiments.more_data", *common, "--fraction", "1", cwd=tmp, check=False), "--fraction must be in (0, 1)")
+    fails(run_module("experiments.memorize", *common, "--train-tokens", "5", cwd=tmp, check=False), "--train-tokens must be in")
+    fails(run("train.py", "--data", data, "--train-tokens", "10000000", "--out", "x.pt", cwd=tmp, check=False),
+          "--train-tokens 10,000,000")

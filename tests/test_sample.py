@@ -5,18 +5,13 @@ import pytest
 
 import knnlm
 from knnlm_tools import checkpoints
-from helpers import run, tiny_model, write_corpus
+from helpers import run, tiny_model, untrained_work
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A corpus, an (untrained) checkpoint, and its datastore with a small FAISS index."""
-    root = tmp_path_factory.mktemp("sample")
-    data = write_corpus(root / "corpus", n_lines=(40, 5, 5))
-    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
-    checkpoints.save_checkpoint(str(root / "runs" / "model.pt"), tiny_model(len(vocab)), vocab)
-    run("build_datastore.py", "--data", data, "--index", "--factory", "IVF4,Flat", cwd=root)
-    return root, data
+    return untrained_work(tmp_path_factory.mktemp("sample"), (40, 5, 5), "--index", "--factory", "IVF4,Flat")
 
 
 def sample(setup, *args, check=True):
