@@ -154,6 +154,18 @@ def search_all(datastore, queries, k, batch=2048, desc="search"):
     return dists, vals, time.time() - t
 
 
+def first_rows(args, cache, datastore, n, prefix):
+    """A cached pass (with its queries) searched again in the datastore's first n rows, the datastore of
+    its text's first n tokens: -> the pass with those neighbours, themselves cached under prefix-first{n}."""
+    if n >= len(datastore):
+        return cache
+
+    def search():
+        dists, vals, seconds = search_all(datastore.head(n), cache["queries"], args.k, desc=f"{n:,} keys")
+        return {"dists": dists, "neighbour_vals": vals, "search_seconds": seconds}
+    return {**cache, **cached(args, f"{prefix}-first{n}", {**cache["key"], "first_rows": n}, search)}
+
+
 def best(cache, lambdas=knnlm.LAMBDAS, temperatures=knnlm.TEMPERATURES, k=None):
     """The lowest perplexity over a (λ, T) grid: -> {"ppl", "lambda", "temperature"}."""
     lmbda, T, ppl, _ = knnlm.tune(cache, lambdas, temperatures, k)

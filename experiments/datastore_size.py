@@ -33,13 +33,7 @@ for fraction in sorted(args.fractions):
     if n < args.k:
         print(f"skipping {fraction:.4g} of the datastore: {n:,} keys < k = {args.k}")
         continue
-    part = cache
-    if n < len(datastore):
-        def search():
-            dists, vals, seconds = common.search_all(datastore.head(n), cache["queries"], args.k,
-                                                     desc=f"{n:,} keys")
-            return {"dists": dists, "neighbour_vals": vals, "search_seconds": seconds}
-        part = {**cache, **common.cached(args, f"{args.split}-first{n}", {**cache["key"], "first_rows": n}, search)}
+    part = common.first_rows(args, cache, datastore, n, args.split)
     sizes.append({"fraction": fraction, "keys": n,
                   "paper": common.best(part, temperatures=[1]),  # the paper's protocol: T = 1, λ tuned
                   "tuned": common.best(part)})                   # λ and T tuned

@@ -94,14 +94,7 @@ for name, (m, _, state) in runs.items():
     print(name, {k: v for k, v in models[name].items() if k != "history"})
 
 
-def search():
-    dists, vals, s = common.search_all(datastore.head(args.train_tokens), cache["queries"], args.k,
-                                       desc=f"{args.train_tokens:,} keys")
-    return {"dists": dists, "neighbour_vals": vals, "search_seconds": s}
-
-
-part = {**cache, **common.cached(args, f"{args.split}-first{args.tokens}-memorize-first{args.train_tokens}",
-                                 {**cache["key"], "first_rows": args.train_tokens}, search)}
+part = common.first_rows(args, cache, datastore, args.train_tokens, f"{args.split}-first{args.tokens}-memorize")
 knn = {"same_text": {**common.best(part), "keys": args.train_tokens},
        "whole_split": {**common.best(cache), "keys": len(datastore)}}
 for row in knn.values():

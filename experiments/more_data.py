@@ -7,7 +7,8 @@ datastore of 3 B beats the same model trained on all 3 B (13.73 vs 15.17 test).
 The smaller model is train.py with the main model's arguments (its checkpoint's), trained on
 the first --fraction of the split (--train-tokens) for --fraction of the steps: the same number
 of steps per training token (passes over its text), the same vocabulary (from the whole
-split); --steps gives it another budget (the main model's steps: the same compute). Its datastore covers the whole split (build_datastore.py), and its kNN-LM is scored as
+split); --steps N gives it another budget (--steps 600, the main model's, is the same compute). Its
+datastore covers the whole split (build_datastore.py), and its kNN-LM is scored as
 that datastore grows: its first 1/5 (its own training text), 2/5, ..., all of it (Figure 2).
 Both models are scored on the first --tokens tokens of the split, λ and T tuned there.
 
@@ -82,8 +83,8 @@ if small_vocab.itos != vocab.itos:
 start = time.time()
 whole_cache = common.cached_pass(args, model, vocab, datastore, data_dir, tokens=args.tokens)
 small_cache = common.cached_pass(args, small, small_vocab, small_datastore, data_dir, tokens=args.tokens)
-whole = {"train_tokens": split_tokens, "steps": trained_with["max_iters"],
-         "passes": trained_with["max_iters"] * trained_with["batch_size"] * model.cfg.block_size / split_tokens, "datastore": len(datastore),
+whole = {"train_tokens": split_tokens, "steps": trained_with["max_iters"], "datastore": len(datastore),
+         "passes": trained_with["max_iters"] * trained_with["batch_size"] * model.cfg.block_size / split_tokens,
          "lm_ppl": knnlm.perplexity(whole_cache["log_p_lm"]), "knnlm": common.best(whole_cache)}
 sizes = []
 for i in range(1, args.sizes + 1):
@@ -91,18 +92,12 @@ for i in range(1, args.sizes + 1):
     if n < args.k:
         print(f"skipping a datastore of {n:,} keys < k = {args.k}")
         continue
-    cache = small_cache
-    if n < len(small_datastore):
-        def search():
-            dists, vals, seconds = common.search_all(small_datastore.head(n), small_cache["queries"], args.k,
-                                                     desc=f"{n:,} keys")
-            return {"dists": dists, "neighbour_vals": vals, "search_seconds": seconds}
-        cache = {**small_cache, **common.cached(args, f"{args.split}-first{args.tokens}-more-data-first{n}",
-                                                {**small_cache["key"], "first_rows": n}, search)}
+    cache = common.first_rows(args, small_cache, small_datastore, n, f"{args.split}-first{args.tokens}-more-data")
     sizes.append({"keys": n, "paper": common.best(cache, temperatures=[1]), "tuned": common.best(cache)})
     print(sizes[-1])
 timings["score"] = time.time() - start
-small_numbers = {"train_tokens": part, "steps": steps, "passes": steps * flags["batch_size"] * model.cfg.block_size / part, "lm_ppl": knnlm.perplexity(small_cache["log_p_lm"]),
+small_numbers = {"train_tokens": part, "steps": steps, "passes": steps * flags["batch_size"] * model.cfg.block_size / part,
+                 "lm_ppl": knnlm.perplexity(small_cache["log_p_lm"]),
                  "datastore_sizes": sizes}
 numbers = {"split": args.split, "tokens": len(small_cache["targets"]), "k": args.k, "fraction": args.fraction,
            "whole": whole, "part": small_numbers,
