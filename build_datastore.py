@@ -28,10 +28,11 @@ from contextlib import nullcontext
 import torch
 
 import knnlm
-from knnlm_tools import files, corpora, checkpoints, faiss_index, datastores, cli
+from knnlm_tools import files, corpora, checkpoints, faiss_index, datastores, cli, cpu
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[cli.arguments("data", "checkpoint", "window", "min_context", "batch_size", "device")])
+                                 parents=[cli.arguments("data", "checkpoint", "window", "min_context", "batch_size", "device",
+                                                       "precision")])
 parser.add_argument("--split", default="train", choices=knnlm.SPLITS, help="split to store (default: %(default)s)")
 parser.add_argument("--out", default="runs/datastore", help="datastore directory (default: %(default)s)")
 parser.add_argument("--key-type", default="ffn_in_ln", choices=knnlm.KEY_TYPES,
@@ -50,6 +51,7 @@ parser.add_argument("--index-shards", type=cli.positive_int, default=None,
 parser.add_argument("--estimate", nargs=2, type=cli.positive_int, metavar=("N", "D"),
                     help="only print the disk and memory a datastore of N keys of dimension D and its index need")
 args = parser.parse_args()
+cpu.reuse_freed_memory()  # the big blocks of one step kept for the next: no page faults
 
 if args.estimate:
     with cli.user_errors():
@@ -70,16 +72,20 @@ barrier = torch.distributed.barrier if world > 1 else lambda: None
 interrupted = "rerun the same command to continue where it stopped"
 with cli.user_errors(interrupted), files.writing(args.out, directory=True) if rank == 0 else nullcontext():
     model, vocab, _ = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
+    threads = cpu.Threads().follow(model)
+    precision = cpu.resolve_precision(args.precision, args.device)
     key_type = checkpoints.key_type(model, args.key_type)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     path = knnlm.split_path(corpora.resolve_corpus(args.data), args.split)
     tokens = vocab.encode_file(path)
-    print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}")
+    print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}; "
+          f"{precision}, {threads}")
     source = {"file": os.path.realpath(path), "split": args.split, "sha256": corpora.file_fingerprint(path),
               "tokens_sha256": corpora.text_fingerprint(path)}
     meta = datastores.build_datastore(model, vocab, tokens, args.out, key_type=key_type,
                                      min_context=min_context, batch_size=args.batch_size, source=source,
-                                     commit_seconds=args.commit_seconds, shard=rank, shards=world, barrier=barrier)
+                                     commit_seconds=args.commit_seconds, shard=rank, shards=world, barrier=barrier,
+                                     precision=precision)
     if rank == 0:
         print(f"wrote {meta.count:,} keys ({key_type}) to {args.out}")
     if args.index:

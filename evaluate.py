@@ -25,12 +25,12 @@ from contextlib import ExitStack
 import torch
 
 import knnlm
-from knnlm_tools import files, corpora, checkpoints, datastores, cli
+from knnlm_tools import files, corpora, checkpoints, datastores, cli, cpu
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  parents=[cli.arguments("data", "checkpoint", "window", "datastore", "k", "lambda",
                                                               "temperature", "nprobe", "min_context", "batch_size",
-                                                              "device")])
+                                                              "device", "precision")])
 parser.add_argument("--split", default="test", choices=knnlm.SPLITS, help="split to evaluate (default: %(default)s)")
 cli.backend_argument(parser)
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
@@ -58,6 +58,7 @@ parser.add_argument("--allow-eval-split-datastore", action="store_true",
                     help="evaluate a split the datastore was built from (refused by default: every token "
                          "finds itself among its neighbours, and the perplexity means nothing)")
 args = parser.parse_args()
+cpu.reuse_freed_memory()  # the big blocks of one step kept for the next: no page faults
 cli.check_knnlm_arguments(parser, args)
 if args.cache and not args.tune and (args.cache_theta is None or args.cache_lambda is None):
     parser.error("--cache needs --cache-theta and --cache-lambda, or --tune to choose them on valid")
@@ -69,6 +70,8 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
         outputs.enter_context(files.writing(args.results))
         earlier = files.read_json(args.results, {}) if os.path.isfile(args.results) else {}
     model, vocab, ckpt = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
+    threads = cpu.Threads().follow(model)
+    precision = cpu.resolve_precision(args.precision, args.device)
     datastore = datastores.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab, args.checkpoint)
     if args.verify:
@@ -92,12 +95,14 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
 searched_by = (f"FAISS {datastore.index.meta['factory']}, nprobe {datastore.index.nprobe}, recompute "
           f"{'on' if args.recompute else 'off'}" if backend == "faiss" else f"exact ({backend})")
 print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type}), search: {searched_by}; "
-      f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+      f"model {args.checkpoint}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {precision}; "
+      f"{threads}")
 
 
 def score(split):
-    return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size, desc=split,
-                             keep_queries=args.cache)
+    with cpu.autocast(precision, args.device):
+        return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size, desc=split,
+                                 keep_queries=args.cache)
 
 
 def lower(ppl, lm_ppl):
@@ -145,9 +150,12 @@ for split, cache in caches.items():
 
 if args.results:
     setting = datastores.measured_with(ckpt["fingerprint"], datastore, args.k, args.lmbda, args.temperature,
-                                      min_context, args.max_tokens)
+                                      min_context, args.max_tokens, precision)
     results = {"lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
                "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
+               "search": searched_by, "precision": {"evaluation": precision, "datastore": datastore.meta.precision,
+                                                    "training": ckpt["args"].get("precision", "float32")
+                                                    if "args" in ckpt else None},
                "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
                "key_type": datastore.key_type, "min_context": min_context, "measured_with": setting,
                **({"cache_ppl": cache_ppl, "knnlm_cache_ppl": knnlm_cache_ppl,
@@ -155,7 +163,7 @@ if args.results:
                              "lambda": args.cache_lambda, "with_knnlm": dict(zip(
                                  ("theta", "lambda_cache", "lambda", "temperature"), with_knnlm))}}
                   if args.cache else {}),
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
+               "machine": f"{platform.machine()}, {threads}, {args.device}",
                "seconds": round(time.time() - start), "command": "python " + " ".join(sys.argv)}
     backends = earlier.get("backends")  # bench.index's search backends, kept only beside the numbers they belong to
     if isinstance(backends, dict) and backends.get("measured_with") == setting:

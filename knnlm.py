@@ -185,8 +185,10 @@ class TransformerLM(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, key_type=None):
-        """idx [B, T] -> logits [B, T, V], and the keys [B, T, d] if key_type is given."""
+    def forward(self, idx, key_type=None, at=None):
+        """idx [B, T] -> logits [B, T, V], and the keys [B, T, d] if key_type is given. With `at`, a bool
+        mask [B, T], only the logits at its positions [n, V]: the output layer is most of a small model's
+        work, and a sliding window scores half its positions (none: the datastore needs the keys alone)."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context {self.cfg.block_size}")
@@ -194,7 +196,8 @@ class TransformerLM(nn.Module):
         taps = {}
         for i, block in enumerate(self.blocks):
             x = block(x, taps if i == len(self.blocks) - 1 else None)
-        logits = self.ln_f(x) @ self.wte.weight.T  # tied input/output embeddings
+        x = self.ln_f(x)
+        logits = (x if at is None else x[at]) @ self.wte.weight.T  # tied input/output embeddings
         return logits if key_type is None else (logits, taps[key_type])
 
 
@@ -261,8 +264,9 @@ def datastore_rows(model, tokens, key_type="ffn_in_ln", min_context=None, batch_
     device = next(model.parameters()).device
     min_context = resolve_min_context(min_context, model.cfg.block_size)
     for x, y, scored in sliding_batches(tokens, model.cfg.block_size, min_context, batch_size, windows):
-        _, keys = model(x.to(device), key_type=key_type)
-        yield keys[scored.to(device)].float().cpu(), y[scored]
+        scored = scored.to(device)
+        _, keys = model(x.to(device), key_type=key_type, at=torch.zeros_like(scored))  # the keys alone, no logits
+        yield keys[scored].float().cpu(), y[scored.cpu()]
 
 
 class Datastore:
@@ -531,8 +535,8 @@ def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_s
     bar = tqdm(total=len(tokens) - 1, unit="tok", desc=desc, disable=not progress)
     for x, y, scored in sliding_batches(tokens, cfg.block_size, min_context, batch_size):
         x, y, scored = x.to(device), y.to(device), scored.to(device)
-        logits, keys = model(x, key_type=key_type)
-        log_p = F.log_softmax(logits[scored].float(), dim=-1)
+        logits, keys = model(x, key_type=key_type, at=scored)
+        log_p = F.log_softmax(logits.float(), dim=-1)
         targets, queries = y[scored], keys[scored].float()
         out["targets"].append(targets.cpu())
         out["log_p_lm"].append(log_p.gather(1, targets[:, None])[:, 0].cpu())

@@ -7,7 +7,8 @@
 #
 # DATA_DIR holds wiki.{train,valid,test}.tokens. The default, data/wikitext-103-small,
 # is made from the official WikiText-103 download (valid and test whole, the first
-# 2.5 MiB of train). The numbers go to results/<name of DATA_DIR>.json.
+# 2.5 MiB of train). The numbers go to results/<name of DATA_DIR>.json, each step's time
+# and the CPU's features to results/<name of DATA_DIR>-times.txt.
 # --quick is the class run, under 5 minutes on a 2-core CPU and with no compiler (it
 # searches with the PyTorch code of knnlm.py, not the C++ kernel): a 2-layer model trained
 # for 150 steps, its datastore over the whole training split, and valid and test scored on
@@ -17,16 +18,25 @@ cd "$(dirname "$0")"
 quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 data=${1:-data/wikitext-103-small}
-pip install -r requirements.txt
+name=$(basename "$data")$([ "$quick" = 1 ] && echo -quick || true)
+times=()
+step() {  # step NAME COMMAND...: run it, and keep how long it took
+    local start=$SECONDS
+    "${@:2}"
+    times+=("$1 $((SECONDS - start))")
+}
+step install pip install -r requirements.txt
 if [ "$quick" = 1 ]; then  # no C++ kernel to compile: the exact search of knnlm.py in PyTorch
-    python train.py --data "$data" --preset quick --max-iters 150 --batch-size 16 --lr 2e-3 --warmup-iters 15 \
-        --eval-interval 150 --eval-tokens 10000 --out runs/quick/model.pt
-    python build_datastore.py --data "$data" --checkpoint runs/quick/model.pt --out runs/quick/datastore
-    python evaluate.py --data "$data" --checkpoint runs/quick/model.pt --datastore runs/quick/datastore \
-        --k 1024 --tune --max-tokens 20000 --results "results/$(basename "$data")-quick.json"
-else
-    pip install --no-build-isolation -e .   # the C++ search kernel of csrc/
-    python train.py --data "$data"
-    python build_datastore.py --data "$data"
-    python evaluate.py --data "$data" --k 1024 --tune --cache --results "results/$(basename "$data").json"
+    step train python train.py --data "$data" --preset quick --max-iters 150 --batch-size 16 --lr 2e-3 \
+        --warmup-iters 15 --eval-interval 150 --eval-tokens 10000 --out runs/quick/model.pt
+    step datastore python build_datastore.py --data "$data" --checkpoint runs/quick/model.pt --out runs/quick/datastore
+    step evaluate python evaluate.py --data "$data" --checkpoint runs/quick/model.pt --datastore runs/quick/datastore \
+        --k 1024 --tune --max-tokens 20000 --results "results/$name.json"
+else  # the paper's search: FAISS IVF-PQ, re-ranked by exact distances (--backend ext: exact, one flag away)
+    step compile pip install --no-build-isolation -e .   # the C++ search kernel of csrc/
+    step train python train.py --data "$data"
+    step datastore python build_datastore.py --data "$data"
+    step index python build_datastore.py --data "$data" --index
+    step evaluate python evaluate.py --data "$data" --k 1024 --tune --cache --backend faiss --results "results/$name.json"
 fi
+python -m knnlm_tools.cpu "${times[@]}" | tee "results/$name-times.txt"  # each step's time, and this CPU

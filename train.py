@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import knnlm
-from knnlm_tools import files, corpora, checkpoints, cli
+from knnlm_tools import files, corpora, checkpoints, cli, cpu
 
 PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
     "tiny": (2, 2, 32, 32),  # for tests and smoke runs
@@ -33,7 +33,7 @@ PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[cli.arguments("data", "batch_size", "device", batch_size=8)])
+                                 parents=[cli.arguments("data", "batch_size", "device", "precision", batch_size=8)])
 parser.add_argument("--out", default="runs/model.pt", help="checkpoint path (default: %(default)s)")
 parser.add_argument("--preset", default="cpu-small", choices=PRESETS,
                     help="model size: n_layer, n_head, d_model, context (default: %(default)s)")
@@ -56,19 +56,22 @@ parser.add_argument("--weight-decay", type=cli.finite_float(0), default=0.1,
                     help="AdamW weight decay on matrices (default: %(default)s)")
 parser.add_argument("--grad-clip", type=cli.finite_float(0, low_open=True), default=1.0,
                     help="clip the gradient norm to this, > 0 (default: %(default)s)")
-parser.add_argument("--eval-interval", type=cli.positive_int, default=100, help="steps between validations (default: %(default)s)")
+parser.add_argument("--eval-interval", type=cli.positive_int, default=200,
+                    help="steps between validations, and saves for --resume (default: %(default)s)")
 parser.add_argument("--eval-tokens", type=cli.positive_int, default=50_000,
                     help="validation tokens per periodic check, from the start of valid (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 parser.add_argument("--resume", action="store_true",
                     help="continue from --out's .last.pt: weights, optimizer, schedule step and random state")
 args = parser.parse_args()
+cpu.reuse_freed_memory()  # the big blocks of one step kept for the next: no page faults
 if args.min_lr > args.lr:
     parser.error(f"--min-lr ({args.min_lr}) must not be above --lr ({args.lr})")
 last_path = os.path.splitext(args.out)[0] + ".last.pt"
 # what the model of a run depends on besides the config, vocabulary and corpus: --resume must be given the same
 RESUME_ARGUMENTS = ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_size", "max_iters",
-                    "eval_interval", "eval_tokens", "seed", "train_tokens")
+                    "eval_interval", "eval_tokens", "seed", "train_tokens", "precision")
+WRITTEN_BEFORE = {"precision": "float32"}  # arguments added since, as the runs before them trained
 
 
 def learning_rate(step):
@@ -89,7 +92,8 @@ def random_batch():
 @torch.no_grad()
 def validation_ppl():
     model.eval()
-    cache = knnlm.score_split(model, valid, batch_size=16, progress=False)
+    with cpu.autocast(args.precision, args.device):
+        cache = knnlm.score_split(model, valid, batch_size=16, progress=False)
     model.train()
     return knnlm.perplexity(cache["log_p_lm"])
 
@@ -109,6 +113,7 @@ interrupted = f"rerun with --resume to continue from the last validation ({last_
 with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_path):
     # data
     cli.check_device(args.device)
+    args.precision = cpu.resolve_precision(args.precision, args.device)  # the checkpoint records which ran
     data_dir = corpora.resolve_corpus(args.data)
     train_path = knnlm.split_path(data_dir, "train")
     vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)
@@ -129,7 +134,8 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
     cfg = knnlm.ModelConfig(vocab_size=len(vocab), block_size=block_size, n_layer=n_layer, n_head=n_head,
                             d_model=d_model, dropout=args.dropout)
     model = knnlm.TransformerLM(cfg).to(args.device)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {cfg}")
+    threads = cpu.Threads().follow(model)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {cfg}; {args.precision}, {threads}")
 
     # optimizer: weight decay on matrices only, not on biases and LayerNorm gains
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -145,7 +151,8 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
                               **{f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUME_ARGUMENTS}},
                              {"config": last["config"], "vocab": checkpoints.vocab_fingerprint(last_vocab),
                               "corpus": last["corpus"]["sha256"],
-                              **{f"--{name.replace('_', '-')}": last["args"].get(name) for name in RESUME_ARGUMENTS}},
+                              **{f"--{name.replace('_', '-')}": last["args"].get(name, WRITTEN_BEFORE.get(name))
+                                 for name in RESUME_ARGUMENTS}},
                              "these arguments", last_path)
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
@@ -163,7 +170,8 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
         x, y = random_batch()
-        loss = F.cross_entropy(model(x).view(-1, len(vocab)), y.view(-1))
+        with cpu.autocast(args.precision, args.device):
+            loss = F.cross_entropy(model(x).view(-1, len(vocab)), y.view(-1))
         if not torch.isfinite(loss):
             raise knnlm.KnnlmError(f"the training loss is {loss.item()} at step {step + 1} (the run diverged: try a "
                                    f"lower --lr than {args.lr}); " + saved_so_far(best_step, best_ppl))

@@ -12,6 +12,7 @@ import torch
 from knnlm import KnnlmError
 from knnlm_tools.search import EXACT_MAX_KEYS
 from knnlm_tools.faiss_index import NPROBE
+from knnlm_tools.cpu import PRECISIONS
 
 
 for _stream in (sys.stdout, sys.stderr):  # the scripts print λ, ¶, …: on a console that cannot, as \u escapes
@@ -108,6 +109,10 @@ ARGUMENTS = {  # the flags the scripts and experiments share: name -> (flag, its
                                 help="interpolation weight of p_kNN (default: %(default)s, the paper's in-domain value)")),
     "temperature": ("--temperature", dict(type=float, default=1.0,
                                           help="p_kNN ∝ exp(-d / temperature) (default: %(default)s, as in the paper)")),
+    "precision": ("--precision", dict(default="auto", choices=PRECISIONS,
+                                      help="the forward passes' arithmetic: bfloat16 autocast or float32; auto: "
+                                           "bfloat16 on a CPU with bfloat16 instructions (AVX512-BF16 or AMX, as "
+                                           "torch detects them), float32 elsewhere (default: %(default)s)")),
     "nprobe": ("--nprobe", dict(type=int, default=None,
                                 help=f"faiss: inverted lists visited per query (default: the paper's {NPROBE}, or all "
                                      "lists when the index has fewer)")),

@@ -23,8 +23,9 @@ from knnlm import KnnlmError
 from knnlm_tools.files import (check_disk_space, check_same, read_json,
                                release_pages, write_json, writer_pid, writing)
 from knnlm_tools import huggingface
+from knnlm_tools.cpu import autocast
 from knnlm_tools.checkpoints import fingerprint, vocab_fingerprint
-from knnlm_tools.manifests import Manifest, check_files
+from knnlm_tools.manifests import Manifest, WRITTEN_BEFORE, check_files
 from knnlm_tools.search import kernel_topk_l2, search_backend
 from knnlm_tools.faiss_index import FaissIndex, INDEX_FIELDS, index_path
 
@@ -32,19 +33,21 @@ from knnlm_tools.faiss_index import FaissIndex, INDEX_FIELDS, index_path
 @torch.no_grad()
 def build_datastore(model, vocab, tokens, out_dir, key_type="ffn_in_ln", min_context=None,
                     batch_size=16, source=None, progress=True, commit_seconds=10.0,
-                    shard=0, shards=1, barrier=lambda: None):
+                    shard=0, shards=1, barrier=lambda: None, precision="float32"):
     """Write the datastore (eq. 1) of `tokens` to out_dir. Progress is committed every commit_seconds
     (rows flushed to disk first): an interrupted build rerun with the same arguments
     continues from the last commit and ends byte-identical to an uninterrupted one.
     With shards > 1 this process (one of `shards`, e.g. under torchrun, all calling this
-    with the same `barrier`) writes the rows of its share of the windows."""
+    with the same `barrier`) writes the rows of its share of the windows. precision: the forward pass's,
+    float32 or bfloat16 (autocast; the keys are float16 on disk either way)."""
     cfg = model.cfg
     min_context = knnlm.resolve_min_context(min_context, cfg.block_size)
     n = len(tokens) - 1
     if n < 1:
         raise KnnlmError(f"{source}: a datastore needs at least two tokens, got {len(tokens)}")
-    manifest = Manifest.of(model, vocab, n, key_type, min_context, source)
-    with writing(out_dir, directory=True) if shard == 0 else nullcontext():  # shard 0 holds it for all
+    manifest = Manifest.of(model, vocab, n, key_type, min_context, source, precision)
+    device = next(model.parameters()).device.type
+    with writing(out_dir, directory=True) if shard == 0 else nullcontext(), autocast(precision, device):
         return write_datastore(model, tokens, out_dir, manifest, batch_size, progress, commit_seconds,
                                shard, shards, barrier)
 
@@ -63,7 +66,8 @@ def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, comm
     last_row = windows[-1][1] if windows else n
     if os.path.isfile(progress_path):  # interrupted before: continue it if it is the same build
         done = read_json(progress_path, {"manifest": dict, "rows": int})
-        check_same(asdict(manifest), done["manifest"], "this build", f"the interrupted build in {out_dir}")
+        check_same(asdict(manifest), {**WRITTEN_BEFORE, **done["manifest"]}, "this build",
+                   f"the interrupted build in {out_dir}")
         print(f"resuming at row {done['rows']:,} of {n:,}")
     else:
         done = {"manifest": asdict(manifest), "rows": first_row}
@@ -226,8 +230,9 @@ class DiskDatastore(knnlm.Datastore):
         return super().search(queries, k)
 
 
-def measured_with(model_fingerprint, datastore, k, lmbda, temperature, min_context, max_tokens=None):
-    """What a kNN-LM perplexity depends on, as a results file records it: numbers measured with
-    anything else (bench.index's "backends") do not belong beside it."""
+def measured_with(model_fingerprint, datastore, k, lmbda, temperature, min_context, max_tokens=None,
+                  precision="float32"):
+    """What a kNN-LM perplexity depends on besides the search, as a results file records it: numbers
+    measured with anything else (bench.index's "backends", which compares searches) do not belong beside it."""
     return {"model_fingerprint": model_fingerprint, "datastore_seal": datastore.seal, "k": k, "lambda": lmbda,
-            "temperature": temperature, "min_context": min_context, "max_tokens": max_tokens}
+            "temperature": temperature, "min_context": min_context, "max_tokens": max_tokens, "precision": precision}

@@ -69,8 +69,8 @@ class WindowConfig:
 
 
 class HuggingFaceLM(nn.Module):
-    """A transformers causal LM with the interface of knnlm.TransformerLM: idx [B, T] -> logits [B, T, V],
-    and the keys [B, T, d] of a key type (KEY_TYPES) when asked for."""
+    """A transformers causal LM with the interface of knnlm.TransformerLM: idx [B, T] -> logits [B, T, V]
+    (at the positions of `at` only), and the keys [B, T, d] of a key type (KEY_TYPES) when asked for."""
 
     def __init__(self, hf, window, name):
         super().__init__()
@@ -86,7 +86,7 @@ class HuggingFaceLM(nn.Module):
         """Forward pre-hook on the feed-forward block: its input is the key."""
         self.taps["ffn_in_ln"] = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
 
-    def forward(self, idx, key_type=None):
+    def forward(self, idx, key_type=None, at=None):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the window {self.cfg.block_size}")
@@ -94,10 +94,11 @@ class HuggingFaceLM(nn.Module):
             raise KnnlmError(f"{self.name} has no key {key_type!r}: its keys are {', '.join(self.key_types)}")
         self.taps.clear()
         out = self.hf(input_ids=idx, use_cache=False, output_hidden_states=key_type == "final_hidden")
+        logits = out.logits if at is None else out.logits[at]
         if key_type is None:
-            return out.logits
+            return logits
         keys = out.hidden_states[-1] if key_type == "final_hidden" else self.taps.pop("ffn_in_ln")
-        return out.logits, keys.reshape(B, T, -1)
+        return logits, keys.reshape(B, T, -1)
 
 
 def decoder_layers(hf):

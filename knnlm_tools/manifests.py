@@ -29,25 +29,27 @@ class Manifest:
     min_context: int
     block_size: int
     source: dict = None  # the corpus file: its path, split and sha256 (None for made-up keys)
+    precision: str = "float32"  # of the forward pass that computed the keys: float32 or bfloat16 (autocast)
 
     @classmethod
-    def of(cls, model, vocab, n, key_type, min_context, source):
+    def of(cls, model, vocab, n, key_type, min_context, source, precision="float32"):
         return cls(n, model.cfg.d_model, "float16", key_type, fingerprint(model, vocab), vocab_fingerprint(vocab),
-                   len(vocab), min_context, model.cfg.block_size, source)
+                   len(vocab), min_context, model.cfg.block_size, source, precision)
 
     @classmethod
     def read(cls, path):
         """-> (the manifest in path/meta.json, the checksums of its files, its seal), its fields' types and seal checked."""
         meta = read_json(os.path.join(path, "meta.json"), {})
+        written = {**WRITTEN_BEFORE, **meta}  # a datastore built before a field was added has its value
         for name, kind, optional in [(f.name, f.type, f.default is None) for f in fields(cls)] + [
                 ("files", dict, False), ("seal", str, False)]:
-            value = meta.get(name)
+            value = written.get(name)
             if not (isinstance(value, kind) and not isinstance(value, bool) or optional and value is None):
                 raise KnnlmError(f"{path}/meta.json is not what it should be: field {name!r} is {value!r}")
         if seal(meta) != meta["seal"]:
             raise KnnlmError(f"{path}/meta.json was edited: its fields no longer match their seal. Rebuild the "
                              "datastore rather than edit its manifest")
-        return cls(**{f.name: meta[f.name] for f in fields(cls)}), meta["files"], meta["seal"]
+        return cls(**{f.name: written[f.name] for f in fields(cls)}), meta["files"], meta["seal"]
 
     def write(self, path, progress=False):
         """Finish a datastore: meta.json, with the checksums of its files and its seal."""
@@ -56,6 +58,7 @@ class Manifest:
         write_json({**meta, "seal": seal(meta)}, os.path.join(path, "meta.json"))
 
 
+WRITTEN_BEFORE = {"precision": "float32"}  # fields added since the first datastores, as those were built
 DATASTORE_FILES = ("keys.npy", "vals.npy")
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 4096
 

@@ -1,0 +1,302 @@
+"""
+Each lever of the main job's speed, measured in one process as a ratio against the setting
+it replaces, on this project's model and WikiText-103-small:
+
+1. search: kNN-LM's test perplexity and search time with exact search (the C++ kernel, else
+   PyTorch) and with the paper's FAISS IVF-PQ re-ranked by exact distances, from one LM pass
+   over the test split (its queries kept), at the λ and temperature of the results file.
+2. the output layer: the datastore's pass computing the keys alone vs also the logits it never
+   uses; the evaluation's pass with the logits of each window's scored half vs all of them.
+3. memory: a training step with glibc's default (freed big blocks go back to the kernel, and
+   their pages fault in again) vs cpu.reuse_freed_memory(), each in a process of its own.
+4. precision: a training step and a forward pass in bfloat16 autocast vs float32.
+5. threads: a training step of the main model and of the quick run's, alone and beside one busy
+   process, with 2 threads, 1 thread, and cpu.Threads()'s choice, each against 2 threads alone.
+
+    bash run.sh ../shared/data/wikitext-103-small   # the model, the datastore and its index
+    python -m bench.levers --data ../shared/data/wikitext-103-small
+
+Writes bench/results/levers.json and levers.md. Lever 1 searches every test token twice
+(--search-tokens for fewer); the others time a few steps, interleaved (A B A B) so that the
+machine's drift falls on both sides of a ratio.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+import knnlm
+from knnlm_tools import checkpoints, corpora, cpu, datastores, files, search
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K = 1024
+
+
+def interleaved(fns, repeats):
+    """{name: best seconds of `repeats`}, the functions run in turn (A B A B ...) after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+# -----------------------------------------------------------------------------
+# 1. Search: exact vs IVF-PQ + re-ranking, the same queries
+
+def search_lever(model, datastore, tokens, results, batch=1024):
+    lmbda, temperature, min_context = results["lambda"], results["temperature"], results["min_context"]
+    cache = knnlm.score_split(model, tokens, min_context=min_context, keep_queries=True, desc="LM pass")
+    rows = {}
+    exact = "ext" if search.kernel_built() else "torch"
+    for name, backend in (("exact", exact), ("IVF-PQ + recompute", "faiss")):
+        datastore.use(backend, "cpu", K, recompute=True)
+        dists, vals, seconds = [], [], 0.0
+        for i in range(0, len(cache["queries"]), batch):
+            start = time.perf_counter()
+            d, v = knnlm.neighbours(datastore, cache["queries"][i:i + batch], K)
+            seconds += time.perf_counter() - start
+            dists.append(d), vals.append(v)
+        searched = {**cache, "dists": torch.cat(dists), "neighbour_vals": torch.cat(vals)}
+        ppl = knnlm.perplexity(knnlm.knnlm_log_probs(searched, lmbda, temperature))
+        rows[name] = {"backend": backend, "test_ppl": ppl, "search_seconds": round(seconds, 1),
+                      "queries_per_second": round(len(cache["queries"]) / seconds)}
+        print(name, rows[name], flush=True)
+    exact, approx = rows["exact"], rows["IVF-PQ + recompute"]
+    return {"tokens": len(cache["targets"]), "lm_ppl": knnlm.perplexity(cache["log_p_lm"]), "lambda": lmbda,
+            "temperature": temperature, "index": datastore.index.meta["factory"], "nprobe": datastore.index.nprobe,
+            "rows": rows, "ppl_change_percent": 100 * (approx["test_ppl"] / exact["test_ppl"] - 1),
+            "speedup": exact["search_seconds"] / approx["search_seconds"]}
+
+
+# -----------------------------------------------------------------------------
+# 2. The output layer: only where it is needed
+
+def output_layer_lever(model, tokens, repeats):
+    x, _, _ = next(knnlm.sliding_batches(tokens, model.cfg.block_size, None, 16))
+    scored = torch.zeros_like(x, dtype=torch.bool)
+    scored[:, model.cfg.block_size // 2:] = True  # a window past the first: its second half is scored
+    none = torch.zeros_like(scored)
+    with torch.no_grad():
+        datastore = interleaved({"keys and all logits": lambda: model(x, key_type="ffn_in_ln"),
+                                 "keys alone": lambda: model(x, key_type="ffn_in_ln", at=none)}, repeats)
+        evaluation = interleaved({
+            "all logits": lambda: F.log_softmax(model(x, key_type="ffn_in_ln")[0][scored], -1),
+            "scored logits": lambda: F.log_softmax(model(x, key_type="ffn_in_ln", at=scored)[0], -1)}, repeats)
+    return {"datastore pass": {**datastore, "speedup": datastore["keys and all logits"] / datastore["keys alone"]},
+            "evaluation pass": {**evaluation, "speedup": evaluation["all logits"] / evaluation["scored logits"]},
+            "windows": len(x)}
+
+
+# -----------------------------------------------------------------------------
+# 3. Freed memory kept: a training step without page faults
+
+def memory_lever(cfg, pairs, steps):
+    """Seconds and page faults per training step of the main model, with glibc's default and with
+    cpu.reuse_freed_memory(), each in a process of its own (the setting holds for its life), in turn."""
+    rows = {"glibc's default": [], "reuse_freed_memory()": []}
+    for _ in range(pairs):
+        for name, kept in (("glibc's default", "0"), ("reuse_freed_memory()", "1")):
+            out = subprocess.run([sys.executable, "-m", "bench.levers", "--phase", "memory", "--kept", kept,
+                                  "--vocab-size", str(cfg.vocab_size), "--steps", str(steps)],
+                                 capture_output=True, text=True, check=True, cwd=os.path.dirname(HERE))
+            rows[name].append(json.loads(out.stdout.splitlines()[-1]))
+    best = {name: min(runs, key=lambda r: r["seconds_per_step"]) for name, runs in rows.items()}
+    return {**best, "speedup": best["glibc's default"]["seconds_per_step"] / best["reuse_freed_memory()"]["seconds_per_step"],
+            "pairs": pairs}
+
+
+def memory_child(args):
+    if args.kept:
+        cpu.reuse_freed_memory()
+    torch.manual_seed(0)
+    cfg = knnlm.ModelConfig(vocab_size=args.vocab_size)  # the main model's shape: 4 layers, 256 wide, 256 tokens
+    model = knnlm.TransformerLM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randint(cfg.vocab_size, (2, 8, cfg.block_size))
+    training_step(model, x, y, optimizer)
+    faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    for _ in range(args.steps):
+        training_step(model, x, y, optimizer)
+    print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / args.steps,
+                      "page_faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps}))
+
+
+# -----------------------------------------------------------------------------
+# 4. Precision: bfloat16 autocast vs float32
+
+def training_step(model, x, y, optimizer, precision="float32"):
+    with cpu.autocast(precision, "cpu"):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def precision_lever(cfg, tokens, repeats, windows=2):
+    """Few windows: on a CPU without bfloat16 instructions a bfloat16 step is tens of times slower."""
+    model = knnlm.TransformerLM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = batch_of(tokens, cfg.block_size, windows)
+    train = interleaved({p: lambda p=p: training_step(model, x, y, optimizer, p) for p in ("float32", "bfloat16")},
+                        repeats)
+    model.eval()
+    with torch.no_grad():
+        forward = interleaved({p: lambda p=p: forward_pass(model, x, p) for p in ("float32", "bfloat16")}, repeats)
+    return {"training step": {**train, "speedup": train["float32"] / train["bfloat16"]},
+            "forward pass": {**forward, "speedup": forward["float32"] / forward["bfloat16"]},
+            "windows": windows, "native_bfloat16": cpu.native_bfloat16()}
+
+
+def forward_pass(model, x, precision):
+    with cpu.autocast(precision, "cpu"):
+        model(x, key_type="ffn_in_ln")
+
+
+def batch_of(tokens, block_size, windows):
+    x = torch.stack([tokens[i * block_size:(i + 1) * block_size] for i in range(windows)])
+    y = torch.stack([tokens[i * block_size + 1:(i + 1) * block_size + 1] for i in range(windows)])
+    return x, y
+
+
+# -----------------------------------------------------------------------------
+# 5. Threads beside a busy neighbour
+
+@contextmanager
+def neighbour(busy):
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    time.sleep(0.5 if busy else 0)
+    try:
+        yield
+    finally:
+        if process:
+            process.kill()
+            process.wait()
+
+
+def threads_lever(configs, tokens, steps):
+    """Seconds per training step of each model, under each policy, alone and beside a busy process."""
+    most = cpu.MOST_THREADS
+    policies = {f"{most} threads": lambda: torch.set_num_threads(most), "1 thread": lambda: torch.set_num_threads(1),
+                "cpu.Threads()": lambda: cpu.Threads()}
+    rows = {}
+    for name, (cfg, windows) in configs.items():
+        torch.manual_seed(0)
+        model = knnlm.TransformerLM(cfg)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x, y = batch_of(tokens, cfg.block_size, windows)
+        training_step(model, x, y, optimizer)
+        for busy in (False, True):
+            with neighbour(busy):
+                for policy, set_threads in policies.items():
+                    chosen = set_threads()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        training_step(model, x, y, optimizer)
+                    rows[f"{name}, {'beside a busy process' if busy else 'alone'}, {policy}"] = {
+                        "seconds_per_step": (time.perf_counter() - start) / steps,
+                        "threads": torch.get_num_threads(), **({"saw_busy_cpus": round(chosen.others, 2)} if chosen else {})}
+                    print(policy, "busy" if busy else "alone", rows[f"{name}, {'beside a busy process' if busy else 'alone'}, {policy}"], flush=True)
+        baseline = rows[f"{name}, alone, {most} threads"]["seconds_per_step"]
+        for key in rows:
+            if key.startswith(name + ","):
+                rows[key]["vs_alone"] = round(rows[key]["seconds_per_step"] / baseline, 2)
+    torch.set_num_threads(most)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+def markdown(r):
+    s = r["search"]
+    lines = [f"`{r['command']}` on {r['machine']}, {r['date']}.", "",
+             f"1. Search, WikiText-103-small test ({s['tokens']:,} tokens, k = {K}, λ = {s['lambda']}, "
+             f"T = {s['temperature']}; LM {s['lm_ppl']:.2f}):", "",
+             "| search | test ppl | search s | queries/s |", "|---|---|---|---|"]
+    lines += [f"| {name} ({row['backend']}) | {row['test_ppl']:.3f} | {row['search_seconds']} | {row['queries_per_second']:,} |"
+              for name, row in s["rows"].items()]
+    lines += ["", f"{s['index']}, nprobe {s['nprobe']}: {s['speedup']:.1f}x faster search, perplexity "
+                  f"{s['ppl_change_percent']:+.3f}%.", "",
+              f"2. The output layer ({r['output layer']['windows']} windows of 256, best of {r['repeats']}):", "",
+              "| pass | before s | after s | speedup |", "|---|---|---|---|"]
+    for name, (before, after) in (("datastore pass", ("keys and all logits", "keys alone")),
+                                  ("evaluation pass", ("all logits", "scored logits"))):
+        row = r["output layer"][name]
+        lines.append(f"| {name}: {after} vs {before} | {row[before]:.3f} | {row[after]:.3f} | {row['speedup']:.2f}x |")
+    m = r["memory"]
+    lines += ["", f"3. Freed memory kept, a training step of the main model (best of {m['pairs']} processes each):",
+              "", "| malloc | s/step | page faults/step |", "|---|---|---|"]
+    lines += [f"| {name} | {m[name]['seconds_per_step']:.3f} | {m[name]['page_faults_per_step']:,.0f} |"
+              for name in ("glibc's default", "reuse_freed_memory()")]
+    lines += ["", f"{m['speedup']:.2f}x faster."]
+    p = r["precision"]
+    lines += ["", f"4. bfloat16 autocast vs float32 ({p['windows']} windows of 256; native bfloat16: "
+                  f"{'yes' if p['native_bfloat16'] else 'no'}):", "",
+              "| | float32 s | bfloat16 s | bfloat16 speedup |", "|---|---|---|---|"]
+    lines += [f"| {name} | {p[name]['float32']:.3f} | {p[name]['bfloat16']:.3f} | {p[name]['speedup']:.2f}x |"
+              for name in ("training step", "forward pass")]
+    lines += ["", "5. Threads: seconds per training step, alone and beside one busy process (`python -c 'while True: "
+                  "pass'`), against the default alone:", "",
+              "| model, neighbour, policy | threads | s/step | vs alone |", "|---|---|---|---|"]
+    lines += [f"| {name} | {row['threads']} | {row['seconds_per_step']:.3f} | {row['vs_alone']:.2f}x |"
+              for name, row in r["threads"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/wikitext-103-small")
+    parser.add_argument("--checkpoint", default="runs/model.pt")
+    parser.add_argument("--datastore", default="runs/datastore", help="with its index (build_datastore.py --index)")
+    parser.add_argument("--results", default="results/wikitext-103-small.json", help="the λ and T of lever 1")
+    parser.add_argument("--search-tokens", type=int, default=None, help="lever 1 on the first N test tokens")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per thread policy")
+    parser.add_argument("--out", default="levers", help="results file name under bench/results/")
+    parser.add_argument("--phase", choices=["memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--kept", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        return memory_child(args)
+    torch.manual_seed(0)
+    model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint)
+    data_dir = corpora.resolve_corpus(args.data)
+    datastore = datastores.DiskDatastore(args.datastore)
+    datastore.check_model(model, vocab)
+    test = vocab.encode_file(knnlm.split_path(data_dir, "test"))
+    train = vocab.encode_file(knnlm.split_path(data_dir, "train"))
+    results = files.read_json(args.results, {"lambda": (int, float), "temperature": (int, float), "min_context": int})
+    record = {"command": "python -m bench.levers " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+              "machine": cpu.describe(), "repeats": args.repeats}
+    record["output layer"] = output_layer_lever(model, train, args.repeats)
+    print(record["output layer"], flush=True)
+    record["memory"] = memory_lever(model.cfg, args.repeats, args.steps)
+    print(record["memory"], flush=True)
+    record["precision"] = precision_lever(model.cfg, train, max(1, args.repeats - 1))
+    print(record["precision"], flush=True)
+    quick = knnlm.ModelConfig(vocab_size=len(vocab), block_size=64, n_layer=2, n_head=4, d_model=128, dropout=0.2)
+    record["threads"] = threads_lever({"main model (8 windows of 256)": (model.cfg, 8),
+                                       "quick model (16 windows of 64)": (quick, 16)}, train, args.steps)
+    record["search"] = search_lever(model, datastore, test[:None if args.search_tokens is None else args.search_tokens + 1],
+                                    results)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    files.write_json(record, os.path.join(HERE, "results", f"{args.out}.json"))
+    with open(os.path.join(HERE, "results", f"{args.out}.md"), "w") as f:
+        f.write(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()

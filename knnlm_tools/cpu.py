@@ -1,0 +1,165 @@
+"""
+What the CPU can give a run: how many threads, whether it computes in bfloat16, and its
+memory's pages kept from one step to the next.
+
+Threads: torch runs one thread per core, and its threads wait for each other at every
+operation, so a single busy process beside it on a 2-core machine slows it 2-3x. Threads()
+watches how much of the machine other processes use (the CPU time /proc/stat counts on
+our CPUs, less this process's own) and runs on what is left, looking again every few
+seconds: a busy neighbour that comes or goes is followed. OMP_NUM_THREADS, when set,
+is obeyed instead.
+
+bfloat16: autocast to bfloat16 is 1.5-2.3x faster where the CPU has the instructions
+(AVX512-BF16 or AMX) and far slower where oneDNN has to emulate them (AVX2), so "auto"
+asks torch's own CPU feature detection (cpuinfo) at run time.
+"""
+import ctypes
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+MOST_THREADS = torch.get_num_threads()  # torch's own choice, one per core, before any Threads() changes it
+
+
+# -----------------------------------------------------------------------------
+# Freed memory kept for the next step
+
+def reuse_freed_memory():
+    """Keep freed blocks in the process's heap (glibc: no mmap, no trim). By default glibc returns every
+    block over 32 MiB to the kernel when freed, and the next step's logits ([tokens, vocabulary] floats,
+    113 MB for the main model) fault their pages in again: about 100,000 page faults a training step,
+    a tenth of its time here. A few hundred MB more stay resident. Nothing changes off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    except (OSError, AttributeError):
+        pass
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+
+
+# -----------------------------------------------------------------------------
+# bfloat16 where the CPU has it
+
+def native_bfloat16():
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as torch's cpuinfo reads them."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is None for check in checks):  # a torch without them: the kernel's flags
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return any(check() for check in checks if check is not None)
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def resolve_precision(precision, device):
+    """--precision auto -> bfloat16 on a CPU with native bfloat16, float32 elsewhere (on CUDA too, until
+    measured there); an explicit float32 or bfloat16 is kept."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if device == "cpu" and native_bfloat16() else "float32"
+
+
+def autocast(precision, device):
+    """The forward passes' context: bfloat16 autocast, or nothing for float32."""
+    if precision == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+# -----------------------------------------------------------------------------
+# Threads from what the machine can give
+
+def busy_seconds(cpus):
+    """CPU seconds spent busy so far on these CPUs, by every process (/proc/stat); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+    except OSError:
+        return None
+    ticks = 0
+    for name, *fields in lines:
+        if int(name[3:]) in cpus:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+            ticks += user + nice + system + irq + softirq + steal  # steal: a neighbour on the host
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def threads_left(cpus, others):
+    """The threads to run on `cpus` CPUs when other processes keep `others` of them busy: at least one."""
+    return max(1, cpus - round(others))
+
+
+class Threads:
+    """torch's thread count, set from the CPUs other processes leave free, and looked at again at most
+    every `every` seconds by check() (Threads.follow(model) calls it before every forward pass)."""
+
+    def __init__(self, every=5.0, first_look=0.25):
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.most = min(MOST_THREADS, len(self.cpus) or MOST_THREADS)
+        self.fixed = "OMP_NUM_THREADS" in os.environ or busy_seconds(set(self.cpus)) is None
+        self.every, self.others = every, 0.0
+        if not self.fixed:
+            self.last = self.sample()
+            time.sleep(first_look)
+            self.check(force=True)
+
+    def sample(self):
+        return time.monotonic(), busy_seconds(set(self.cpus)), time.process_time()
+
+    def check(self, force=False):
+        if self.fixed or (not force and time.monotonic() - self.last[0] < self.every):
+            return
+        now = self.sample()
+        wall, busy, own = (b - a for a, b in zip(self.last, now))
+        self.last, self.others = now, max(0.0, (busy - own) / wall) if wall > 0 else 0.0
+        threads = threads_left(self.most, self.others)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    def follow(self, model):
+        """Look again (at most every `every` seconds) before each forward pass of the model."""
+        model.register_forward_pre_hook(lambda module, args: self.check())
+        return self
+
+    def __str__(self):
+        if self.fixed:
+            return f"{torch.get_num_threads()} threads"
+        return f"{torch.get_num_threads()} threads (of {self.most}; other processes busy on {self.others:.1f} CPUs)"
+
+
+# -----------------------------------------------------------------------------
+# What a run ran on: run.sh ends with `python -m knnlm_tools.cpu STEP SECONDS ...`
+
+def describe():
+    """This machine in one line: the CPU, its vector and bfloat16 instructions, cores, torch."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    features = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return (f"{name}, {os.cpu_count()} cores, {', '.join(features) or 'no AVX2'} (torch uses "
+            f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16: {'yes' if native_bfloat16() else 'no'}), "
+            f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    import sys
+    steps = [step.rsplit(" ", 1) for step in sys.argv[1:]]
+    for name, seconds in steps:
+        print(f"{name:10s} {int(seconds) // 60:3d} min {int(seconds) % 60:02d} s")
+    total = sum(int(seconds) for _, seconds in steps)
+    print(f"{'total':10s} {total // 60:3d} min {total % 60:02d} s")
+    print(time.strftime("%Y-%m-%d") + " on " + describe())

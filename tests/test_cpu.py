@@ -1,0 +1,109 @@
+"""What the CPU gives a run (knnlm_tools/cpu.py): threads from the CPUs other processes leave free,
+bfloat16 autocast only where asked or native, and the scripts saying which ran."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import knnlm
+from knnlm_tools import cpu
+from helpers import run, tiny_model, untrained_work, write_corpus
+
+
+def test_threads_left_keeps_at_least_one():
+    assert cpu.threads_left(2, 0.0) == 2
+    assert cpu.threads_left(2, 0.3) == 2  # a little background work is not a neighbour
+    assert cpu.threads_left(2, 0.8) == 1
+    assert cpu.threads_left(2, 2.7) == 1
+    assert cpu.threads_left(16, 3.2) == 13
+
+
+@pytest.fixture
+def busy_neighbour():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)
+    yield
+    busy.kill()
+    busy.wait()
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/stat"), reason="reads /proc/stat")
+def test_a_busy_neighbour_takes_a_thread(monkeypatch, busy_neighbour):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        threads = cpu.Threads(first_look=1.0)
+        assert threads.others >= 0.5  # a busy loop kept (most of) a CPU for the whole look
+        assert torch.get_num_threads() == cpu.threads_left(threads.most, threads.others) < threads.most or threads.most == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_omp_num_threads_is_obeyed():
+    script = ("import torch; from knnlm_tools import cpu; t = cpu.Threads(); "
+              "print(t.fixed, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split() == ["True", "1"]
+
+
+def test_threads_look_again_before_a_forward_pass(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        threads = cpu.Threads(every=0.0, first_look=0.0)
+        model = tiny_model(20)
+        threads.follow(model)
+        looked = threads.last[0]
+        time.sleep(0.01)
+        model(torch.zeros(1, 4, dtype=torch.long))
+        assert threads.fixed or threads.last[0] > looked
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_precision_auto_is_bfloat16_only_where_native():
+    assert cpu.resolve_precision("auto", "cpu") == ("bfloat16" if cpu.native_bfloat16() else "float32")
+    assert cpu.resolve_precision("auto", "cuda") == "float32"
+    assert cpu.resolve_precision("bfloat16", "cpu") == "bfloat16"
+    assert cpu.resolve_precision("float32", "cpu") == "float32"
+
+
+def test_bfloat16_autocast_scores_near_float32():
+    model = tiny_model(30, block_size=16, d_model=32)
+    tokens = torch.randint(30, (200,))
+    exact = knnlm.score_split(model, tokens, progress=False)
+    with cpu.autocast("bfloat16", "cpu"):
+        approx = knnlm.score_split(model, tokens, progress=False)
+    assert approx["log_p_lm"].dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: the log-probabilities agree to a few hundredths of a nat
+    assert (approx["log_p_lm"] - exact["log_p_lm"]).abs().max() < 0.05
+    assert not torch.equal(approx["log_p_lm"], exact["log_p_lm"])  # and it did run in bfloat16
+
+
+def test_the_scripts_say_which_precision_and_search_ran(tmp_path):
+    root, data = untrained_work(tmp_path, (120, 30, 30), "--precision", "bfloat16")
+    meta = json.load(open(root / "runs" / "datastore" / "meta.json"))
+    assert meta["precision"] == "bfloat16" and meta["key_dtype"] == "float16"
+    run("evaluate.py", "--data", data, "--k", "8", "--tune", "--precision", "float32", "--backend", "torch",
+        "--results", "r.json", cwd=root)
+    results = json.load(open(root / "r.json"))
+    assert results["precision"] == {"evaluation": "float32", "datastore": "bfloat16", "training": None}
+    assert results["search"] == "exact (torch)" and results["measured_with"]["precision"] == "float32"
+    # a datastore of another precision is another datastore: its build is not reused
+    out = run("build_datastore.py", "--data", data, "--precision", "float32", cwd=root, check=False)
+    assert out.returncode == 2 and "precision" in out.stderr
+
+
+def test_training_records_its_precision_and_resumes_only_in_it(tmp_path):
+    data = write_corpus(tmp_path / "corpus", n_lines=(120, 20, 20))
+    args = ["--data", data, "--preset", "tiny", "--max-iters", "4", "--eval-interval", "2", "--batch-size", "2"]
+    run("train.py", *args, "--precision", "bfloat16", cwd=tmp_path)
+    ckpt = torch.load(tmp_path / "runs" / "model.pt", weights_only=True)
+    assert ckpt["args"]["precision"] == "bfloat16"
+    out = run("train.py", *args, "--precision", "float32", "--resume", cwd=tmp_path, check=False)
+    assert out.returncode == 2 and "--precision" in out.stderr
