@@ -453,14 +453,22 @@ def neighbour_scores(dists, temperature=1.0):
     return (dists - nearest).div_(-T)
 
 
-def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
+def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0, block=4096):
     """log p_kNN(target | x) from the neighbours' squared distances [B, k] and values [B, k].
-    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN."""
-    scores = neighbour_scores(dists, temperature)                          # [B, k]
-    carries_target = neighbour_vals == targets[:, None]                   # [B, k]
-    log_norm = torch.logsumexp(scores, dim=1)
-    log_p = torch.logsumexp(scores.masked_fill_(~carries_target, -math.inf), dim=1) - log_norm
-    return log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
+    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN.
+    With a list of temperatures -> [len(Ts), B], the work that does not depend on T done once.
+    Rows go `block` at a time: the [block, k] temporaries stay in the CPU's cache."""
+    temperatures = temperature if isinstance(temperature, (list, tuple)) else [temperature]
+    out = dists.new_empty(len(temperatures), len(dists))
+    for s in range(0, len(dists), block):
+        e = min(s + block, len(dists))
+        other_token = neighbour_vals[s:e] != targets[s:e, None].to(neighbour_vals.dtype)    # [b, k]
+        for j, T in enumerate(temperatures):
+            scores = neighbour_scores(dists[s:e], T)                                           # [b, k]
+            log_norm = torch.logsumexp(scores, dim=1)
+            log_p = torch.logsumexp(scores.masked_fill_(other_token, -math.inf), dim=1) - log_norm
+            out[j, s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
+    return out if isinstance(temperature, (list, tuple)) else out[0]
 
 
 def knn_distribution(dists, neighbour_vals, vocab_size, temperature=1.0):
@@ -496,18 +504,21 @@ CACHE_LAMBDAS = [i / 20 for i in range(20)]                 # λ_c, tuned on val
 def cache_log_prob(keys, targets, theta, window=CACHE_WINDOW, block=512):
     """log p_cache(target_t) for every position t of one text: keys [n, d] float32 (h_t) and targets
     [n] (x_{t+1}), in text order. A position whose cache holds no target gets -inf, the first
-    (an empty cache) too."""
-    n, out = len(keys), torch.empty(len(keys))
+    (an empty cache) too. With a list of θs -> [len(θs), n], the dot products computed once for all."""
+    thetas = theta if isinstance(theta, (list, tuple)) else [theta]
+    n, out = len(keys), keys.new_empty(len(thetas), len(keys))
     for s in range(0, n, block):
         e, lo = min(s + block, n), max(0, s - window)
         t, i = torch.arange(s, e)[:, None], torch.arange(lo, e)[None]
-        scores = (keys[s:e] @ keys[lo:e].T).mul_(theta)                     # θ h_t · h_i  [b, e - lo]
-        scores.masked_fill_((i >= t) | (i < t - window), -math.inf)        # the W positions before t
-        log_norm = torch.logsumexp(scores, dim=1)
+        dots = keys[s:e] @ keys[lo:e].T                                      # h_t · h_i  [b, e - lo]
+        outside = (i >= t) | (i < t - window)                               # not the W positions before t
         carries = targets[lo:e][None] == targets[s:e, None]                  # x_{i+1} = x_{t+1}
-        log_p = torch.logsumexp(scores.masked_fill_(~carries, -math.inf), dim=1) - log_norm
-        out[s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
-    return out
+        for j, th in enumerate(thetas):
+            scores = (dots * th).masked_fill_(outside, -math.inf)           # θ h_t · h_i
+            log_norm = torch.logsumexp(scores, dim=1)
+            log_p = torch.logsumexp(scores.masked_fill_(~carries, -math.inf), dim=1) - log_norm
+            out[j, s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
+    return out if isinstance(theta, (list, tuple)) else out[0]
 
 
 # -----------------------------------------------------------------------------
@@ -577,8 +588,9 @@ def perplexity(log_probs):
 def tune(cache, lambdas, temperatures, k=None):
     """Grid search of (λ, T) on a cache (its nearest k neighbours); -> (best λ, best T, its perplexity, all results)."""
     results = []
-    for T in temperatures:
-        log_p_knn = knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], T)
+    temperatures = list(temperatures)
+    for T, log_p_knn in zip(temperatures, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k],
+                                                        cache["targets"], temperatures)):
         for lmbda in lambdas:
             results.append((perplexity(interpolate(cache["log_p_lm"], log_p_knn, lmbda)), lmbda, T))
     ppl, lmbda, T = min(results)
@@ -600,11 +612,11 @@ def tune_cache(cache, window=CACHE_WINDOW, thetas=CACHE_THETAS, cache_lambdas=CA
                temperatures=(1.0,), k=None):
     """Grid search of the cache's θ and λ_c on a cache kept with its queries: over LM + cache alone
     (lambdas (0,)), or jointly with kNN-LM's λ and T on top; -> (θ, λ_c, λ, T, perplexity), the best."""
-    knn = ([(T, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], T))
-            for T in temperatures] if any(lambdas) else [(temperatures[0], None)])
+    temperatures = list(temperatures)
+    knn = (list(zip(temperatures, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"],
+                                               temperatures))) if any(lambdas) else [(temperatures[0], None)])
     best = (math.inf, None, None, None, None)
-    for theta in thetas:
-        log_p_cache = cache_log_prob(cache["queries"], cache["targets"], theta, window)
+    for theta, log_p_cache in zip(thetas, cache_log_prob(cache["queries"], cache["targets"], list(thetas), window)):
         for lambda_cache in cache_lambdas:
             base = interpolate(cache["log_p_lm"], log_p_cache, lambda_cache)
             for T, log_p_knn in knn:

@@ -37,6 +37,15 @@ def test_p_cache_is_eq_by_hand_and_sums_to_one():
         assert got[t].exp().item() == pytest.approx(p[targets[t]].item(), abs=1e-6)
 
 
+def test_p_cache_of_many_thetas_at_once_is_each_alone():
+    g = torch.Generator().manual_seed(0)
+    keys, targets = torch.randn(300, 8, generator=g), torch.randint(6, (300,), generator=g)
+    thetas = [0.1, 1.0, 3.0]
+    together = knnlm.cache_log_prob(keys, targets, thetas, window=50, block=32)
+    for theta, row in zip(thetas, together):
+        assert torch.equal(row, knnlm.cache_log_prob(keys, targets, theta, window=50, block=32))
+
+
 def test_a_document_repeated_gets_its_rare_words_from_the_cache():
     """Each rare word r_i follows a word a_i seen nowhere else; keys are the input word's one-hot
     vector, so in the second copy the key before r_i is the first copy's, and p_cache(r_i) is ~1."""

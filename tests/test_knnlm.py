@@ -67,6 +67,17 @@ def test_model_returns_every_key_type_of_table_5():
     assert torch.allclose(ffn_in_ln, model.blocks[-1].ln_2(ffn_in))  # the default key is after the LayerNorm
 
 
+def test_logits_at_some_positions_are_those_of_the_whole_window():
+    model = tiny_model(50)
+    x = torch.randint(50, (3, 10))
+    at = torch.rand(3, 10) < 0.5
+    logits, keys = model(x, key_type="ffn_in_ln")
+    some, same_keys = model(x, key_type="ffn_in_ln", at=at)
+    assert torch.allclose(some, logits[at], atol=1e-6) and torch.equal(keys, same_keys)
+    none, keys_alone = model(x, key_type="ffn_in_ln", at=torch.zeros_like(at))  # the datastore's pass
+    assert none.shape == (0, 50) and torch.equal(keys_alone, keys)
+
+
 def test_model_is_causal():
     model = tiny_model(50)
     x = torch.randint(50, (1, 12))
@@ -131,6 +142,16 @@ def test_knn_distribution_sums_weights_per_token():
     log_p4 = knnlm.knn_log_prob(dists, vals, torch.tensor([4]), temperature=2.0)
     z2 = math.exp(-0.5) + math.exp(-1) + math.exp(-1.5)
     assert log_p4.item() == pytest.approx(math.log(math.exp(-1) / z2))
+
+
+def test_knn_log_prob_of_many_temperatures_at_once_is_each_alone():
+    g = torch.Generator().manual_seed(0)
+    dists = torch.rand(50, 16, generator=g).sort(dim=1).values * 10
+    vals, targets = torch.randint(5, (50, 16), generator=g, dtype=torch.int32), torch.randint(5, (50,), generator=g)
+    temperatures = [0.5, 1.0, 8.0]
+    together = knnlm.knn_log_prob(dists, vals, targets, temperatures, block=7)  # rows in blocks too
+    for T, row in zip(temperatures, together):
+        assert torch.equal(row, knnlm.knn_log_prob(dists, vals, targets, T))
 
 
 def test_token_without_neighbour_gets_zero_knn_probability_without_nan():
