@@ -453,22 +453,25 @@ def neighbour_scores(dists, temperature=1.0):
     return (dists - nearest).div_(-T)
 
 
-def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0, block=4096):
+def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
     """log p_kNN(target | x) from the neighbours' squared distances [B, k] and values [B, k].
-    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN.
-    With a list of temperatures -> [len(Ts), B], the work that does not depend on T done once.
-    Rows go `block` at a time: the [block, k] temporaries stay in the CPU's cache."""
-    temperatures = temperature if isinstance(temperature, (list, tuple)) else [temperature]
+    A target that no neighbour carries gets log p_kNN = -inf (probability 0), never NaN."""
+    scores = neighbour_scores(dists, temperature)                          # [B, k]
+    carries_target = neighbour_vals == targets[:, None].to(neighbour_vals.dtype)   # [B, k]
+    log_norm = torch.logsumexp(scores, dim=1)
+    log_p = torch.logsumexp(scores.masked_fill_(~carries_target, -math.inf), dim=1) - log_norm
+    return log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
+
+
+def knn_log_prob_grid(dists, neighbour_vals, targets, temperatures, block=4096):
+    """knn_log_prob at each of the temperatures -> [len(temperatures), B], the same numbers, `block`
+    rows at a time for all of them: the [block, k] temporaries stay in the CPU's cache (the tuning's way)."""
     out = dists.new_empty(len(temperatures), len(dists))
     for s in range(0, len(dists), block):
-        e = min(s + block, len(dists))
-        other_token = neighbour_vals[s:e] != targets[s:e, None].to(neighbour_vals.dtype)    # [b, k]
+        rows = dists[s:s + block], neighbour_vals[s:s + block], targets[s:s + block]
         for j, T in enumerate(temperatures):
-            scores = neighbour_scores(dists[s:e], T)                                           # [b, k]
-            log_norm = torch.logsumexp(scores, dim=1)
-            log_p = torch.logsumexp(scores.masked_fill_(other_token, -math.inf), dim=1) - log_norm
-            out[j, s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
-    return out if isinstance(temperature, (list, tuple)) else out[0]
+            out[j, s:s + block] = knn_log_prob(*rows, T)
+    return out
 
 
 def knn_distribution(dists, neighbour_vals, vocab_size, temperature=1.0):
@@ -588,9 +591,8 @@ def perplexity(log_probs):
 def tune(cache, lambdas, temperatures, k=None):
     """Grid search of (λ, T) on a cache (its nearest k neighbours); -> (best λ, best T, its perplexity, all results)."""
     results = []
-    temperatures = list(temperatures)
-    for T, log_p_knn in zip(temperatures, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k],
-                                                        cache["targets"], temperatures)):
+    for T, log_p_knn in zip(temperatures, knn_log_prob_grid(cache["dists"][:, :k], cache["neighbour_vals"][:, :k],
+                                                             cache["targets"], temperatures)):
         for lmbda in lambdas:
             results.append((perplexity(interpolate(cache["log_p_lm"], log_p_knn, lmbda)), lmbda, T))
     ppl, lmbda, T = min(results)
@@ -612,9 +614,9 @@ def tune_cache(cache, window=CACHE_WINDOW, thetas=CACHE_THETAS, cache_lambdas=CA
                temperatures=(1.0,), k=None):
     """Grid search of the cache's θ and λ_c on a cache kept with its queries: over LM + cache alone
     (lambdas (0,)), or jointly with kNN-LM's λ and T on top; -> (θ, λ_c, λ, T, perplexity), the best."""
-    temperatures = list(temperatures)
-    knn = (list(zip(temperatures, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"],
-                                               temperatures))) if any(lambdas) else [(temperatures[0], None)])
+    knn = (list(zip(temperatures, knn_log_prob_grid(cache["dists"][:, :k], cache["neighbour_vals"][:, :k],
+                                                    cache["targets"], temperatures))) if any(lambdas)
+           else [(temperatures[0], None)])
     best = (math.inf, None, None, None, None)
     for theta, log_p_cache in zip(thetas, cache_log_prob(cache["queries"], cache["targets"], list(thetas), window)):
         for lambda_cache in cache_lambdas:

@@ -57,7 +57,7 @@ if args.train_tokens < args.k:
     p.error(f"--train-tokens {args.train_tokens} is fewer than k = {args.k} neighbours")
 
 # the regular model and the memorizer, on the same text for the same steps; only dropout differs
-same = ("preset", "min_freq", "max_vocab", "lr", "weight_decay", "grad_clip", "seed")
+same = ("preset", "min_freq", "max_vocab", "lr", "weight_decay", "grad_clip", "seed", "precision")
 flags = {**{name: trained_with[name] for name in same if trained_with.get(name) is not None},
          "min_lr": trained_with["lr"], "batch_size": args.batch_size, "train_tokens": args.train_tokens,
          "max_iters": args.max_iters, "warmup_iters": min(trained_with["warmup_iters"], args.max_iters // 10),

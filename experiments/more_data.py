@@ -65,7 +65,7 @@ work = os.path.join(args.work, f"first-{part}-tokens-{steps}-steps")
 small_checkpoint = os.path.join(work, "model.pt")
 os.makedirs(work, exist_ok=True)
 same = ("preset", "min_freq", "max_vocab", "dropout", "lr", "min_lr", "weight_decay", "grad_clip",
-        "batch_size", "eval_tokens", "seed")
+        "batch_size", "eval_tokens", "seed", "precision")
 scale = steps / trained_with["max_iters"]  # warm-up and validations scaled with the steps
 flags = {**{name: trained_with[name] for name in same if trained_with.get(name) is not None},
          "train_tokens": part, "max_iters": steps, "warmup_iters": round(scale * trained_with["warmup_iters"]),

@@ -149,7 +149,7 @@ def test_knn_log_prob_of_many_temperatures_at_once_is_each_alone():
     dists = torch.rand(50, 16, generator=g).sort(dim=1).values * 10
     vals, targets = torch.randint(5, (50, 16), generator=g, dtype=torch.int32), torch.randint(5, (50,), generator=g)
     temperatures = [0.5, 1.0, 8.0]
-    together = knnlm.knn_log_prob(dists, vals, targets, temperatures, block=7)  # rows in blocks too
+    together = knnlm.knn_log_prob_grid(dists, vals, targets, temperatures, block=7)  # rows in blocks too
     for T, row in zip(temperatures, together):
         assert torch.equal(row, knnlm.knn_log_prob(dists, vals, targets, T))
 
