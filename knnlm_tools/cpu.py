@@ -104,17 +104,16 @@ class Threads:
     every `every` seconds by check() (Threads.follow(model) calls it before every forward pass)."""
 
     def __init__(self, every=5.0, first_look=0.25):
-        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
         self.most = min(MOST_THREADS, len(self.cpus) or MOST_THREADS)
-        self.fixed = "OMP_NUM_THREADS" in os.environ or busy_seconds(set(self.cpus)) is None
-        self.every, self.others = every, 0.0
+        self.every, self.others, self.last = every, 0.0, self.sample()
+        self.fixed = "OMP_NUM_THREADS" in os.environ or self.last[1] is None
         if not self.fixed:
-            self.last = self.sample()
             time.sleep(first_look)
             self.check(force=True)
 
     def sample(self):
-        return time.monotonic(), busy_seconds(set(self.cpus)), time.process_time()
+        return time.monotonic(), busy_seconds(self.cpus), time.process_time()
 
     def check(self, force=False):
         if self.fixed or (not force and time.monotonic() - self.last[0] < self.every):
