@@ -20,13 +20,14 @@ with_cuda = want_cuda == "1" or (want_cuda == "auto" and torch.version.cuda is n
 
 sources = ["csrc/topk_l2.cpp", "csrc/rerank_l2.cpp"]
 openmp = ["-fopenmp"]  # at::parallel_for runs its loop on OpenMP threads only when compiled with it
+cxx = ["-O3", "-g0", *openmp]  # -g0: no debug info for the torch headers (Python's own flags ask for it)
 if with_cuda:
     ext = CUDAExtension("knnlm_ext", [*sources, "csrc/topk_l2_cuda.cu"],
                         define_macros=[("WITH_CUDA", None)],
-                        extra_compile_args={"cxx": ["-O3", *openmp], "nvcc": ["-O3"]}, extra_link_args=openmp)
+                        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp)
 else:
     ext = CppExtension("knnlm_ext", sources,
-                       extra_compile_args={"cxx": ["-O3", *openmp]}, extra_link_args=openmp)
+                       extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 
 setup(
     name="knnlm",

@@ -6,7 +6,9 @@
 // (topk_l2.cpp, which also declares the op). Each key row is read once from wherever it lies
 // (a memmap, or the open file fd, keys starting at byte offset, when fd >= 0) and compared on
 // the fly; parallel over queries. Id -1 (FAISS: no more neighbours) gets distance +inf.
-#include <torch/all.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -20,7 +20,14 @@
 //    FAISS keeps a size-k heap);
 // 3. ||q||^2 is the same for every key of a query: added after selection.
 // Equal distances go to the smaller id, so the order of the keys decides every tie.
-#include <torch/extension.h>  // torch, and pybind11 for the module
+// The few ATen headers it uses (ATen/ops/*.h: one operator each), not torch/extension.h: that one
+// brings the whole C++ API and pybind11, and most of the build's time went to reading them.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -273,12 +280,19 @@ TORCH_LIBRARY_IMPL(knnlm, CUDA, m) { m.impl("topk_l2", &topk_l2_cuda); }
 TORCH_LIBRARY_IMPL(knnlm, Meta, m) { m.impl("topk_l2", &topk_l2_meta); }
 
 // Importing the module knnlm_ext loads this library, which registers the ops; the module
-// itself only says what was built.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("CUDA_MAX_K") = TOPK_L2_CUDA_MAX_K;
+// itself only says what was built (a plain CPython module: no pybind11 needed for that).
+PyMODINIT_FUNC PyInit_knnlm_ext() {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "knnlm_ext", "the C++ search kernels of csrc/", -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
 #ifdef WITH_CUDA
-  m.attr("cuda") = true;
+  const bool cuda = true;
 #else
-  m.attr("cuda") = false;
+  const bool cuda = false;
 #endif
+  if (m == nullptr || PyModule_AddIntConstant(m, "CUDA_MAX_K", TOPK_L2_CUDA_MAX_K) < 0 ||
+      PyModule_AddObject(m, "cuda", PyBool_FromLong(cuda)) < 0) {
+    Py_XDECREF(m);
+    return nullptr;
+  }
+  return m;
 }
