@@ -110,17 +110,23 @@ def lower(ppl, lm_ppl):
 
 
 caches = {}
+known_cache = {}  # valid's log p_cache at the tuned θ, computed by the tuning: reused for its Table 1
 with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.tune or args.results:
         caches["valid"] = score("valid")
-    if args.tune:
-        args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES)
+    if args.tune:  # p_kNN at every T once, for both grid searches with kNN-LM
+        grid = knnlm.knn_grid(caches["valid"], knnlm.TEMPERATURES)
+        args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES, grid=grid)
         print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
     if args.cache and args.tune:
-        args.cache_theta, args.cache_lambda, _, _, ppl = knnlm.tune_cache(caches["valid"], args.cache_window)
+        log_p_caches = knnlm.cache_grid(caches["valid"], knnlm.CACHE_THETAS, args.cache_window)
+        args.cache_theta, args.cache_lambda, _, _, ppl = knnlm.tune_cache(caches["valid"], args.cache_window,
+                                                                          log_p_caches=log_p_caches)
         print(f"tuned on valid: cache θ = {args.cache_theta}, λ_c = {args.cache_lambda} (valid LM + cache ppl {ppl:.2f})")
+        known_cache["valid"] = log_p_caches[knnlm.CACHE_THETAS.index(args.cache_theta)]
         *with_knnlm, ppl = knnlm.tune_cache(caches["valid"], args.cache_window, thetas=[args.cache_theta],
-                                           lambdas=knnlm.LAMBDAS, temperatures=knnlm.TEMPERATURES)
+                                           lambdas=knnlm.LAMBDAS, temperatures=knnlm.TEMPERATURES, grid=grid,
+                                           log_p_caches=known_cache["valid"][None])
         print("tuned on valid, with kNN-LM: θ = {}, λ_c = {}, λ = {}, T = {} (valid kNN-LM + cache ppl {:.2f})".format(
             *with_knnlm, ppl))
     elif args.cache:
@@ -136,12 +142,15 @@ for split, cache in caches.items():
     print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
           f"({lower(knnlm_ppl[split], lm_ppl[split])}) at k={args.k}, λ={args.lmbda}, "
           f"T={args.temperature}; search {len(cache['targets']) / cache['search_seconds']:,.0f} queries/s")
-    if args.cache:  # the paper's Table 1
-        cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, args.cache_theta, args.cache_lambda,
-                                                                  args.cache_window))
+    if args.cache:  # the paper's Table 1; both rows with the cache at one θ
         theta, lambda_cache, lmbda, T = with_knnlm
+        log_p_cache = known_cache.get(split)
+        if log_p_cache is None:
+            log_p_cache = knnlm.cache_grid(cache, [theta], args.cache_window)[0]
+        cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, theta, args.cache_lambda, args.cache_window,
+                                                                  log_p_cache=log_p_cache))
         knnlm_cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, theta, lambda_cache, args.cache_window,
-                                                                        lmbda, T, args.k))
+                                                                        lmbda, T, args.k, log_p_cache=log_p_cache))
         print(f"{split}: Table 1 | LM {lm_ppl[split]:.2f} | + cache {cache_ppl[split]:.2f} | kNN-LM {knnlm_ppl[split]:.2f} "
               f"| kNN-LM + cache {knnlm_cache_ppl[split]:.2f} (cache of {args.cache_window} positions)")
     if knnlm_ppl[split] == float("inf"):

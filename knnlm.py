@@ -588,37 +588,54 @@ def perplexity(log_probs):
         return math.inf
 
 
-def tune(cache, lambdas, temperatures, k=None):
-    """Grid search of (λ, T) on a cache (its nearest k neighbours); -> (best λ, best T, its perplexity, all results)."""
+def knn_grid(cache, temperatures, k=None):
+    """log p_kNN of every token of a cache at each temperature (its nearest k neighbours) -> [len(temperatures), n]:
+    what the grid searches below re-mix, computed once when several of them share it."""
+    return knn_log_prob_grid(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], temperatures)
+
+
+def tune(cache, lambdas, temperatures, k=None, grid=None):
+    """Grid search of (λ, T) on a cache (its nearest k neighbours); -> (best λ, best T, its perplexity, all results).
+    grid: knn_grid(cache, temperatures, k), if already computed."""
     results = []
-    for T, log_p_knn in zip(temperatures, knn_log_prob_grid(cache["dists"][:, :k], cache["neighbour_vals"][:, :k],
-                                                             cache["targets"], temperatures)):
+    for T, log_p_knn in zip(temperatures, knn_grid(cache, temperatures, k) if grid is None else grid):
         for lmbda in lambdas:
             results.append((perplexity(interpolate(cache["log_p_lm"], log_p_knn, lmbda)), lmbda, T))
     ppl, lmbda, T = min(results)
     return lmbda, T, ppl, results
 
 
-def cache_log_probs(cache, theta, lambda_cache, window=CACHE_WINDOW, lmbda=0.0, temperature=1.0, k=None):
+def cache_grid(cache, thetas, window=CACHE_WINDOW):
+    """log p_cache of every token of a cache kept with its queries (keep_queries) at each θ -> [len(thetas), n]."""
+    return cache_log_prob(cache["queries"], cache["targets"], list(thetas), window)
+
+
+def cache_log_probs(cache, theta, lambda_cache, window=CACHE_WINDOW, lmbda=0.0, temperature=1.0, k=None,
+                    log_p_cache=None, log_p_knn=None):
     """Re-mix a score_split cache kept with its queries (keep_queries) with the continuous cache: log p(target)
-    of LM + cache at (θ, λ_c) for every token, and of kNN-LM on top of it at (λ, T) when λ > 0."""
-    log_p_cache = cache_log_prob(cache["queries"], cache["targets"], theta, window)
+    of LM + cache at (θ, λ_c) for every token, and of kNN-LM on top of it at (λ, T) when λ > 0.
+    log_p_cache (at θ) and log_p_knn (at T): if already computed."""
+    if log_p_cache is None:
+        log_p_cache = cache_log_prob(cache["queries"], cache["targets"], theta, window)
     log_p = interpolate(cache["log_p_lm"], log_p_cache, lambda_cache)
     if not lmbda:
         return log_p
-    return interpolate(log_p, knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"],
-                                           temperature), lmbda)
+    if log_p_knn is None:
+        log_p_knn = knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], temperature)
+    return interpolate(log_p, log_p_knn, lmbda)
 
 
 def tune_cache(cache, window=CACHE_WINDOW, thetas=CACHE_THETAS, cache_lambdas=CACHE_LAMBDAS, lambdas=(0.0,),
-               temperatures=(1.0,), k=None):
+               temperatures=(1.0,), k=None, grid=None, log_p_caches=None):
     """Grid search of the cache's θ and λ_c on a cache kept with its queries: over LM + cache alone
-    (lambdas (0,)), or jointly with kNN-LM's λ and T on top; -> (θ, λ_c, λ, T, perplexity), the best."""
-    knn = (list(zip(temperatures, knn_log_prob_grid(cache["dists"][:, :k], cache["neighbour_vals"][:, :k],
-                                                    cache["targets"], temperatures))) if any(lambdas)
-           else [(temperatures[0], None)])
+    (lambdas (0,)), or jointly with kNN-LM's λ and T on top; -> (θ, λ_c, λ, T, perplexity), the best.
+    grid: knn_grid(cache, temperatures, k), and log_p_caches: cache_grid(cache, thetas, window), if already computed."""
+    if not any(lambdas):
+        knn = [(temperatures[0], None)]
+    else:
+        knn = list(zip(temperatures, knn_grid(cache, temperatures, k) if grid is None else grid))
     best = (math.inf, None, None, None, None)
-    for theta, log_p_cache in zip(thetas, cache_log_prob(cache["queries"], cache["targets"], list(thetas), window)):
+    for theta, log_p_cache in zip(thetas, cache_grid(cache, thetas, window) if log_p_caches is None else log_p_caches):
         for lambda_cache in cache_lambdas:
             base = interpolate(cache["log_p_lm"], log_p_cache, lambda_cache)
             for T, log_p_knn in knn:

@@ -46,6 +46,25 @@ def test_p_cache_of_many_thetas_at_once_is_each_alone():
         assert torch.equal(row, knnlm.cache_log_prob(keys, targets, theta, window=50, block=32))
 
 
+def test_tunings_given_the_grids_already_computed_find_the_same():
+    """evaluate.py computes p_kNN at every T and p_cache at every θ once and hands them to each grid search."""
+    cache = random_cache(n=200)
+    g = torch.Generator().manual_seed(1)
+    cache["dists"] = torch.rand(200, 16, generator=g).sort(dim=1).values * 10
+    cache["neighbour_vals"] = torch.randint(0, 20, (200, 16), generator=g, dtype=torch.int32)
+    thetas, temperatures, window = [0.25, 1.0], [0.5, 4.0], 50
+    grid, log_p_caches = knnlm.knn_grid(cache, temperatures), knnlm.cache_grid(cache, thetas, window)
+    assert knnlm.tune(cache, knnlm.LAMBDAS, temperatures, grid=grid) == knnlm.tune(cache, knnlm.LAMBDAS, temperatures)
+    assert (knnlm.tune_cache(cache, window, thetas, log_p_caches=log_p_caches)
+            == knnlm.tune_cache(cache, window, thetas))
+    joint = dict(thetas=thetas, lambdas=knnlm.LAMBDAS, temperatures=temperatures)
+    assert (knnlm.tune_cache(cache, window, **joint, grid=grid, log_p_caches=log_p_caches)
+            == knnlm.tune_cache(cache, window, **joint))
+    given = knnlm.cache_log_probs(cache, thetas[1], 0.3, window, 0.2, temperatures[1], log_p_cache=log_p_caches[1],
+                                  log_p_knn=grid[1])
+    assert torch.equal(given, knnlm.cache_log_probs(cache, thetas[1], 0.3, window, 0.2, temperatures[1]))
+
+
 def test_a_document_repeated_gets_its_rare_words_from_the_cache():
     """Each rare word r_i follows a word a_i seen nowhere else; keys are the input word's one-hot
     vector, so in the second copy the key before r_i is the first copy's, and p_cache(r_i) is ~1."""
