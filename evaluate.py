@@ -163,8 +163,8 @@ if args.results:
     results = {"lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
                "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
                "search": searched_by, "precision": {"evaluation": precision, "datastore": datastore.meta.precision,
-                                                    "training": ckpt["args"].get("precision", "float32")
-                                                    if "args" in ckpt else None},
+                                                    "training": (checkpoints.training_args(ckpt)
+                                                                 or {}).get("precision")},
                "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
                "key_type": datastore.key_type, "min_context": min_context, "measured_with": setting,
                **({"cache_ppl": cache_ppl, "knnlm_cache_ppl": knnlm_cache_ppl,

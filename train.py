@@ -71,7 +71,6 @@ last_path = os.path.splitext(args.out)[0] + ".last.pt"
 # what the model of a run depends on besides the config, vocabulary and corpus: --resume must be given the same
 RESUME_ARGUMENTS = ("lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "batch_size", "max_iters",
                     "eval_interval", "eval_tokens", "seed", "train_tokens", "precision")
-WRITTEN_BEFORE = {"precision": "float32"}  # arguments added since, as the runs before them trained
 
 
 def learning_rate(step):
@@ -151,7 +150,7 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
                               **{f"--{name.replace('_', '-')}": getattr(args, name) for name in RESUME_ARGUMENTS}},
                              {"config": last["config"], "vocab": checkpoints.vocab_fingerprint(last_vocab),
                               "corpus": last["corpus"]["sha256"],
-                              **{f"--{name.replace('_', '-')}": last["args"].get(name, WRITTEN_BEFORE.get(name))
+                              **{f"--{name.replace('_', '-')}": checkpoints.training_args(last).get(name)
                                  for name in RESUME_ARGUMENTS}},
                              "these arguments", last_path)
         model.load_state_dict(last["model"])

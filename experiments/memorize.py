@@ -49,7 +49,10 @@ if os.path.isdir(args.checkpoint) or not args.checkpoint.endswith(".pt"):
 
 model, vocab, datastore, data_dir = common.load(args)
 with cli.user_errors():
-    trained_with = checkpoints.load_checkpoint(args.checkpoint)[2]["args"]
+    trained_with = checkpoints.training_args(checkpoints.load_checkpoint(args.checkpoint)[2])
+if trained_with is None:
+    p.error(f"--checkpoint {args.checkpoint} does not say how it was trained: this analysis trains the model again, "
+            "so it needs a checkpoint of train.py")
 if not model.cfg.block_size + 2 <= args.train_tokens <= len(datastore):
     p.error(f"--train-tokens must be in [{model.cfg.block_size + 2}, {len(datastore):,}] (the context + 2, the "
             f"datastore's rows), got {args.train_tokens}")

@@ -53,7 +53,10 @@ timings = {}
 # the model of the whole split, its datastore, and what it was trained with
 model, vocab, datastore, data_dir = common.load(args)
 with cli.user_errors():
-    trained_with = checkpoints.load_checkpoint(args.checkpoint)[2]["args"]
+    trained_with = checkpoints.training_args(checkpoints.load_checkpoint(args.checkpoint)[2])
+if trained_with is None:
+    p.error(f"--checkpoint {args.checkpoint} does not say how it was trained: this analysis retrains the model on less data, "
+            "so it needs a checkpoint of train.py")
 split_tokens = len(vocab.encode_file(knnlm.split_path(data_dir, "train")))
 part = round(args.fraction * split_tokens)
 steps = args.steps or round(args.fraction * trained_with["max_iters"])

@@ -46,6 +46,16 @@ def save_checkpoint(path, model, vocab, **extra):
             raise KnnlmError(f"cannot write {path}: {e}") from None
 
 
+# train.py arguments added since the first checkpoints, at the value those were trained with
+TRAINED_BEFORE = {"precision": "float32"}
+
+
+def training_args(ckpt):
+    """The train.py arguments a checkpoint was trained with (None for one written without them, e.g. a
+    converted model), those added since it was written at the value it trained with."""
+    return {**TRAINED_BEFORE, **ckpt["args"]} if "args" in ckpt else None
+
+
 CHECKPOINT_FIELDS = ("config", "model", "vocab", "fingerprint")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import knnlm
-from knnlm_tools import cpu
+from knnlm_tools import checkpoints, cpu
 from helpers import run, tiny_model, untrained_work, write_corpus
 
 
@@ -97,6 +97,13 @@ def test_the_scripts_say_which_precision_and_search_ran(tmp_path):
     # a datastore of another precision is another datastore: its build is not reused
     out = run("build_datastore.py", "--data", data, "--precision", "float32", cwd=root, check=False)
     assert out.returncode == 2 and "precision" in out.stderr
+
+
+def test_a_checkpoint_from_before_precision_was_recorded_trained_in_float32():
+    """One rule for train.py --resume, evaluate.py's results and the analyses that train the model again."""
+    assert checkpoints.training_args({"args": {"lr": 0.001}}) == {"lr": 0.001, "precision": "float32"}
+    assert checkpoints.training_args({"args": {"precision": "bfloat16"}})["precision"] == "bfloat16"
+    assert checkpoints.training_args({"config": {}}) is None  # not written by train.py
 
 
 def test_training_records_its_precision_and_resumes_only_in_it(tmp_path):
