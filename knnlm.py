@@ -515,11 +515,11 @@ def cache_log_prob(keys, targets, theta, window=CACHE_WINDOW, block=512):
         t, i = torch.arange(s, e)[:, None], torch.arange(lo, e)[None]
         dots = keys[s:e] @ keys[lo:e].T                                      # h_t · h_i  [b, e - lo]
         outside = (i >= t) | (i < t - window)                               # not the W positions before t
-        carries = targets[lo:e][None] == targets[s:e, None]                  # x_{i+1} = x_{t+1}
+        other = targets[lo:e][None] != targets[s:e, None]                    # x_{i+1} ≠ x_{t+1}
         for j, th in enumerate(thetas):
             scores = (dots * th).masked_fill_(outside, -math.inf)           # θ h_t · h_i
             log_norm = torch.logsumexp(scores, dim=1)
-            log_p = torch.logsumexp(scores.masked_fill_(~carries, -math.inf), dim=1) - log_norm
+            log_p = torch.logsumexp(scores.masked_fill_(other, -math.inf), dim=1) - log_norm
             out[j, s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
     return out if isinstance(theta, (list, tuple)) else out[0]
 
