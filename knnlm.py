@@ -507,19 +507,22 @@ CACHE_LAMBDAS = [i / 20 for i in range(20)]                 # λ_c, tuned on val
 def cache_log_prob(keys, targets, theta, window=CACHE_WINDOW, block=512):
     """log p_cache(target_t) for every position t of one text: keys [n, d] float32 (h_t) and targets
     [n] (x_{t+1}), in text order. A position whose cache holds no target gets -inf, the first
-    (an empty cache) too. With a list of θs -> [len(θs), n], the dot products computed once for all."""
+    (an empty cache) too. With a list of θs -> [len(θs), n], the dot products computed once for all.
+    One exp per cached position, counted from the nearest as in eq. 2 (knn_log_prob's two logsumexps
+    would take two): a target whose weights fall below float32's range (p_cache < 1e-38) gets -inf too."""
     thetas = theta if isinstance(theta, (list, tuple)) else [theta]
-    n, out = len(keys), keys.new_empty(len(thetas), len(keys))
+    n, out, tiny = len(keys), keys.new_empty(len(thetas), len(keys)), torch.finfo(keys.dtype).tiny  # θ = 0: uniform
     for s in range(0, n, block):
         e, lo = min(s + block, n), max(0, s - window)
         t, i = torch.arange(s, e)[:, None], torch.arange(lo, e)[None]
         dots = keys[s:e] @ keys[lo:e].T                                      # h_t · h_i  [b, e - lo]
-        outside = (i >= t) | (i < t - window)                               # not the W positions before t
-        other = targets[lo:e][None] != targets[s:e, None]                    # x_{i+1} ≠ x_{t+1}
+        dots.masked_fill_((i >= t) | (i < t - window), -math.inf)           # only the W positions before t
+        dots -= dots.amax(dim=1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # from the nearest: exp keeps its range
+        same = targets[lo:e][None] == targets[s:e, None]                     # x_{i+1} = x_{t+1}
         for j, th in enumerate(thetas):
-            scores = (dots * th).masked_fill_(outside, -math.inf)           # θ h_t · h_i
-            log_norm = torch.logsumexp(scores, dim=1)
-            log_p = torch.logsumexp(scores.masked_fill_(other, -math.inf), dim=1) - log_norm
+            weights = (dots * max(th, tiny)).exp_()                          # exp(θ h_t · h_i), up to a factor
+            log_norm = weights.sum(dim=1).log_()                             # -inf: an empty cache
+            log_p = weights.mul_(same).sum(dim=1).log_() - log_norm
             out[j, s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
     return out if isinstance(theta, (list, tuple)) else out[0]
 

@@ -37,6 +37,18 @@ def test_p_cache_is_eq_by_hand_and_sums_to_one():
         assert got[t].exp().item() == pytest.approx(p[targets[t]].item(), abs=1e-6)
 
 
+def test_p_cache_at_theta_zero_is_the_share_of_the_window_and_far_keys_keep_their_precision():
+    cache = random_cache(n=60)
+    keys, targets, window = cache["queries"], cache["targets"], 10
+    uniform = knnlm.cache_log_prob(keys, targets, 0.0, window).exp()
+    for t in range(1, 60):
+        seen = targets[max(0, t - window):t]
+        assert uniform[t].item() == pytest.approx((seen == targets[t]).float().mean().item(), abs=1e-6)
+    far = torch.cat([keys, torch.full((60, 1), 300.0)], dim=1)  # dots ~9e4: exp(θ h_t · h_i) overflows float32
+    exact = knnlm.cache_log_prob(keys.double(), targets, 0.5, window)  # the constant 9e4 cancels out
+    torch.testing.assert_close(knnlm.cache_log_prob(far, targets, 0.5, window).double(), exact, rtol=0, atol=1e-2)
+
+
 def test_p_cache_of_many_thetas_at_once_is_each_alone():
     g = torch.Generator().manual_seed(0)
     keys, targets = torch.randn(300, 8, generator=g), torch.randint(6, (300,), generator=g)
