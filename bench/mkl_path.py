@@ -1,0 +1,104 @@
+"""
+MKL's code path on an AMD CPU: the float32 matrix products of torch's CPU wheel go through
+Intel's MKL, which picks its AVX2 kernels only where it believes the CPU is Intel's, and on an
+AMD CPU runs a generic path (MKL_VERBOSE names it). Defining MKL's own `mkl_serv_intel_cpu_true`
+(and `mkl_serv_intel_cpu`) to return 1 in a library loaded first (LD_PRELOAD) makes it take the
+AVX2 path, the one it runs on an Intel CPU with AVX2. This measures
+what that path gives a training step of the main model, each setting in a process of its own,
+in turn (A B A B), and which path MKL says it took.
+
+    python -m bench.mkl_path
+
+Writes bench/results/mkl_path.json and mkl_path.md. Not used by the scripts: it leans on an
+undocumented MKL symbol, and the other path computes other last bits (another model).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import knnlm
+from knnlm_tools import cpu, files
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\nint mkl_serv_intel_cpu(void) { return 1; }\n"
+
+
+def child(args):
+    cpu.reuse_freed_memory()
+    torch.manual_seed(0)
+    cfg = knnlm.ModelConfig(vocab_size=args.vocab_size)  # the main model's shape: 4 layers, 256 wide, 256 tokens
+    model = knnlm.TransformerLM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randint(cfg.vocab_size, (2, 8, cfg.block_size))
+
+    def step():
+        loss = F.cross_entropy(model(x).view(-1, cfg.vocab_size), y.view(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / args.steps}))
+
+
+def mkl_path(env):
+    """The CPU path MKL reports for one product, from its MKL_VERBOSE banner."""
+    out = subprocess.run([sys.executable, "-c", "import torch; a = torch.ones(64, 64); a @ a"],
+                         env={**env, "MKL_VERBOSE": "1"}, capture_output=True, text=True, check=True)
+    banner = next((line for line in out.stdout.splitlines() if "for Intel(R) 64 architecture" in line), "")
+    return banner.split("for Intel(R) 64 architecture", 1)[-1].split(", Lnx")[0].strip() or "not reported"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=4, help="processes of each setting, in turn")
+    parser.add_argument("--steps", type=int, default=6, help="training steps timed per process")
+    parser.add_argument("--vocab-size", type=int, default=13759, help="the main model's on WikiText-103-small")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "shim.c"), "w") as f:
+            f.write(SHIM)
+        shim = os.path.join(tmp, "libmkl_avx2_on_amd.so")
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", os.path.join(tmp, "shim.c"), "-o", shim], check=True)
+        envs = {"MKL's choice": dict(os.environ), "AVX2 path (LD_PRELOAD)": {**os.environ, "LD_PRELOAD": shim}}
+        paths = {name: mkl_path(env) for name, env in envs.items()}
+        runs = {name: [] for name in envs}
+        for _ in range(args.pairs):
+            for name, env in envs.items():
+                out = subprocess.run([sys.executable, "-m", "bench.mkl_path", "--child", "--steps", str(args.steps),
+                                      "--vocab-size", str(args.vocab_size)], env=env, capture_output=True, text=True,
+                                     check=True, cwd=os.path.dirname(HERE))
+                runs[name].append(json.loads(out.stdout.splitlines()[-1])["seconds_per_step"])
+                print(name, f"{runs[name][-1]:.3f} s/step", flush=True)
+    best = {name: min(r) for name, r in runs.items()}
+    record = {"command": " ".join(["python -m bench.mkl_path", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+              "machine": cpu.describe(), "mkl_path": paths, "seconds_per_step": runs, "best": best,
+              "speedup": best["MKL's choice"] / best["AVX2 path (LD_PRELOAD)"]}
+    lines = [f"`{record['command']}` on {record['machine']}, {record['date']}.", "",
+             f"A training step of the main model (8 windows of 256), best of {args.pairs} processes each, in turn:", "",
+             "| setting | MKL's path | s/step (each process) | best |", "|---|---|---|---|"]
+    lines += [f"| {name} | {paths[name]} | {', '.join(f'{s:.3f}' for s in runs[name])} | {best[name]:.3f} |"
+              for name in envs]
+    lines += ["", f"The AVX2 path: {record['speedup']:.2f}x."]
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    files.write_json(record, os.path.join(HERE, "results", "mkl_path.json"))
+    with open(os.path.join(HERE, "results", "mkl_path.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
