@@ -111,11 +111,13 @@ def lower(ppl, lm_ppl):
 
 caches = {}
 known_cache = {}  # valid's log p_cache at the tuned θ, computed by the tuning: reused for its Table 1
+known_knn = {}    # valid's log p_kNN at every T, computed by the tuning: reused for its numbers
 with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.tune or args.results:
         caches["valid"] = score("valid")
     if args.tune:  # p_kNN at every T once, for both grid searches with kNN-LM
         grid = knnlm.knn_grid(caches["valid"], knnlm.TEMPERATURES)
+        known_knn["valid"] = dict(zip(knnlm.TEMPERATURES, grid))
         args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES, grid=grid)
         print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
     if args.cache and args.tune:
@@ -138,7 +140,9 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
 lm_ppl, knnlm_ppl, cache_ppl, knnlm_cache_ppl = {}, {}, {}, {}
 for split, cache in caches.items():
     lm_ppl[split] = knnlm.perplexity(cache["log_p_lm"])
-    knnlm_ppl[split] = knnlm.perplexity(knnlm.knnlm_log_probs(cache, args.lmbda, args.temperature))
+    log_p_knn = known_knn.get(split, {})
+    knnlm_ppl[split] = knnlm.perplexity(knnlm.knnlm_log_probs(cache, args.lmbda, args.temperature,
+                                                              log_p_knn=log_p_knn.get(args.temperature)))
     print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
           f"({lower(knnlm_ppl[split], lm_ppl[split])}) at k={args.k}, λ={args.lmbda}, "
           f"T={args.temperature}; search {len(cache['targets']) / cache['search_seconds']:,.0f} queries/s")
@@ -150,7 +154,8 @@ for split, cache in caches.items():
         cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, theta, args.cache_lambda, args.cache_window,
                                                                   log_p_cache=log_p_cache))
         knnlm_cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, theta, lambda_cache, args.cache_window,
-                                                                        lmbda, T, args.k, log_p_cache=log_p_cache))
+                                                                        lmbda, T, args.k, log_p_cache=log_p_cache,
+                                                                        log_p_knn=log_p_knn.get(T)))
         print(f"{split}: Table 1 | LM {lm_ppl[split]:.2f} | + cache {cache_ppl[split]:.2f} | kNN-LM {knnlm_ppl[split]:.2f} "
               f"| kNN-LM + cache {knnlm_cache_ppl[split]:.2f} (cache of {args.cache_window} positions)")
     if knnlm_ppl[split] == float("inf"):

@@ -575,11 +575,18 @@ def neighbours(datastore, queries, k):
     return dists.cpu(), datastore.vals[ids.cpu()].int()  # int32: half the memory
 
 
-def knnlm_log_probs(cache, lmbda, temperature=1.0, k=None):
+def nearest_k(cache, k=None):
+    """A score_split cache's nearest k neighbours of every token (default: all) and its targets: (dists,
+    neighbour_vals, targets). The neighbours are sorted, so a smaller k is a prefix of the cache: one pass
+    at k = 1024 serves every k below."""
+    return cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"]
+
+
+def knnlm_log_probs(cache, lmbda, temperature=1.0, k=None, log_p_knn=None):
     """Re-mix a score_split cache: log p(target) of kNN-LM at (λ, T) for every token, from the
-    nearest k of its neighbours (default: all). The neighbours are sorted, so a smaller k is a
-    prefix of the cache: one pass at k = 1024 serves every k below."""
-    log_p_knn = knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], temperature)
+    nearest k of its neighbours (default: all). log_p_knn (at T): if already computed."""
+    if log_p_knn is None:
+        log_p_knn = knn_log_prob(*nearest_k(cache, k), temperature)
     return interpolate(cache["log_p_lm"], log_p_knn, lmbda)
 
 
@@ -594,7 +601,7 @@ def perplexity(log_probs):
 def knn_grid(cache, temperatures, k=None):
     """log p_kNN of every token of a cache at each temperature (its nearest k neighbours) -> [len(temperatures), n]:
     what the grid searches below re-mix, computed once when several of them share it."""
-    return knn_log_prob_grid(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], temperatures)
+    return knn_log_prob_grid(*nearest_k(cache, k), temperatures)
 
 
 def tune(cache, lambdas, temperatures, k=None, grid=None):
@@ -624,7 +631,7 @@ def cache_log_probs(cache, theta, lambda_cache, window=CACHE_WINDOW, lmbda=0.0, 
     if not lmbda:
         return log_p
     if log_p_knn is None:
-        log_p_knn = knn_log_prob(cache["dists"][:, :k], cache["neighbour_vals"][:, :k], cache["targets"], temperature)
+        log_p_knn = knn_log_prob(*nearest_k(cache, k), temperature)
     return interpolate(log_p, log_p_knn, lmbda)
 
 

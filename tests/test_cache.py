@@ -75,6 +75,8 @@ def test_tunings_given_the_grids_already_computed_find_the_same():
     given = knnlm.cache_log_probs(cache, thetas[1], 0.3, window, 0.2, temperatures[1], log_p_cache=log_p_caches[1],
                                   log_p_knn=grid[1])
     assert torch.equal(given, knnlm.cache_log_probs(cache, thetas[1], 0.3, window, 0.2, temperatures[1]))
+    assert torch.equal(knnlm.knnlm_log_probs(cache, 0.2, temperatures[1], log_p_knn=grid[1]),
+                       knnlm.knnlm_log_probs(cache, 0.2, temperatures[1]))
 
 
 def test_a_document_repeated_gets_its_rare_words_from_the_cache():
