@@ -5,7 +5,8 @@ AMD CPU runs a generic path (MKL_VERBOSE names it). Defining MKL's own `mkl_serv
 (and `mkl_serv_intel_cpu`) to return 1 in a library loaded first (LD_PRELOAD) makes it take the
 AVX2 path, the one it runs on an Intel CPU with AVX2. This measures
 what that path gives a training step of the main model, each setting in a process of its own,
-in turn (A B A B), and which path MKL says it took.
+in turn (A B A B; the step and its process are bench.levers' lever 3, freed memory kept), and which
+path MKL says it took.
 
     python -m bench.mkl_path
 
@@ -20,35 +21,10 @@ import sys
 import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
-
-import knnlm
 from knnlm_tools import cpu, files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\nint mkl_serv_intel_cpu(void) { return 1; }\n"
-
-
-def child(args):
-    cpu.reuse_freed_memory()
-    torch.manual_seed(0)
-    cfg = knnlm.ModelConfig(vocab_size=args.vocab_size)  # the main model's shape: 4 layers, 256 wide, 256 tokens
-    model = knnlm.TransformerLM(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = torch.randint(cfg.vocab_size, (2, 8, cfg.block_size))
-
-    def step():
-        loss = F.cross_entropy(model(x).view(-1, cfg.vocab_size), y.view(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / args.steps}))
 
 
 def mkl_path(env):
@@ -64,10 +40,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=4, help="processes of each setting, in turn")
     parser.add_argument("--steps", type=int, default=6, help="training steps timed per process")
     parser.add_argument("--vocab-size", type=int, default=13759, help="the main model's on WikiText-103-small")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(args)
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "shim.c"), "w") as f:
             f.write(SHIM)
@@ -78,9 +51,9 @@ def main():
         runs = {name: [] for name in envs}
         for _ in range(args.pairs):
             for name, env in envs.items():
-                out = subprocess.run([sys.executable, "-m", "bench.mkl_path", "--child", "--steps", str(args.steps),
-                                      "--vocab-size", str(args.vocab_size)], env=env, capture_output=True, text=True,
-                                     check=True, cwd=os.path.dirname(HERE))
+                out = subprocess.run([sys.executable, "-m", "bench.levers", "--phase", "memory", "--kept", "1",  # its step
+                                      "--steps", str(args.steps), "--vocab-size", str(args.vocab_size)], env=env,
+                                     capture_output=True, text=True, check=True, cwd=os.path.dirname(HERE))
                 runs[name].append(json.loads(out.stdout.splitlines()[-1])["seconds_per_step"])
                 print(name, f"{runs[name][-1]:.3f} s/step", flush=True)
     best = {name: min(r) for name, r in runs.items()}
