@@ -140,9 +140,9 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
 lm_ppl, knnlm_ppl, cache_ppl, knnlm_cache_ppl = {}, {}, {}, {}
 for split, cache in caches.items():
     lm_ppl[split] = knnlm.perplexity(cache["log_p_lm"])
-    log_p_knn = known_knn.get(split, {})
+    knn_by_T = known_knn.get(split, {})  # log p_kNN at each T the tuning computed (valid only)
     knnlm_ppl[split] = knnlm.perplexity(knnlm.knnlm_log_probs(cache, args.lmbda, args.temperature,
-                                                              log_p_knn=log_p_knn.get(args.temperature)))
+                                                              log_p_knn=knn_by_T.get(args.temperature)))
     print(f"{split}: {len(cache['targets']):,} tokens | LM ppl {lm_ppl[split]:.2f} | kNN-LM ppl {knnlm_ppl[split]:.2f} "
           f"({lower(knnlm_ppl[split], lm_ppl[split])}) at k={args.k}, λ={args.lmbda}, "
           f"T={args.temperature}; search {len(cache['targets']) / cache['search_seconds']:,.0f} queries/s")
@@ -155,7 +155,7 @@ for split, cache in caches.items():
                                                                   log_p_cache=log_p_cache))
         knnlm_cache_ppl[split] = knnlm.perplexity(knnlm.cache_log_probs(cache, theta, lambda_cache, args.cache_window,
                                                                         lmbda, T, args.k, log_p_cache=log_p_cache,
-                                                                        log_p_knn=log_p_knn.get(T)))
+                                                                        log_p_knn=knn_by_T.get(T)))
         print(f"{split}: Table 1 | LM {lm_ppl[split]:.2f} | + cache {cache_ppl[split]:.2f} | kNN-LM {knnlm_ppl[split]:.2f} "
               f"| kNN-LM + cache {knnlm_cache_ppl[split]:.2f} (cache of {args.cache_window} positions)")
     if knnlm_ppl[split] == float("inf"):
