@@ -442,6 +442,8 @@ def rerank(queries, keys, ids, block=8):
 # eq. 3: p(y | x) = λ p_kNN(y | x) + (1 - λ) p_LM(y | x)
 # Both in log space. The paper uses T = 1; a temperature is kept as an option.
 
+EXP_FLOOR = -87.0  # about log of float32's smallest normal number: below it a CPU's exp takes a slow path
+
 def neighbour_scores(dists, temperature=1.0):
     """The exponents of eq. 2, -d / T [B, k], with the distances counted from the nearest neighbour's:
     the softmax is the same, and float32 keeps its precision however far the neighbours are.
@@ -464,13 +466,19 @@ def knn_log_prob(dists, neighbour_vals, targets, temperature=1.0):
 
 
 def knn_log_prob_grid(dists, neighbour_vals, targets, temperatures, block=4096):
-    """knn_log_prob at each of the temperatures -> [len(temperatures), B], the same numbers, `block`
-    rows at a time for all of them: the [block, k] temporaries stay in the CPU's cache (the tuning's way)."""
+    """knn_log_prob at each of the temperatures -> [len(temperatures), B], `block` rows at a time for all of
+    them (the [block, k] temporaries stay in the CPU's cache): the tuning's way. One exp per neighbour
+    where knn_log_prob's two logsumexps take two, and no weight below exp(EXP_FLOOR): the same numbers to
+    float32's rounding, except for a target whose every weight is below it (p_kNN < 1e-37), which gets
+    about EXP_FLOOR instead of less; mixed with p_LM by eq. 3 that changes nothing."""
     out = dists.new_empty(len(temperatures), len(dists))
     for s in range(0, len(dists), block):
-        rows = dists[s:s + block], neighbour_vals[s:s + block], targets[s:s + block]
+        d, vals, y = dists[s:s + block], neighbour_vals[s:s + block], targets[s:s + block]
+        carries_target = (vals == y[:, None].to(vals.dtype)) & torch.isfinite(d)    # a missing neighbour: none
         for j, T in enumerate(temperatures):
-            out[j, s:s + block] = knn_log_prob(*rows, T)
+            weights = neighbour_scores(d, T).clamp_(min=EXP_FLOOR).exp_()          # the nearest weighs 1
+            log_norm = weights.sum(dim=1).log_()
+            out[j, s:s + block] = weights.mul_(carries_target).sum(dim=1).log_() - log_norm
     return out
 
 
@@ -509,21 +517,22 @@ def cache_log_prob(keys, targets, theta, window=CACHE_WINDOW, block=512):
     [n] (x_{t+1}), in text order. A position whose cache holds no target gets -inf, the first
     (an empty cache) too. With a list of θs -> [len(θs), n], the dot products computed once for all.
     One exp per cached position, counted from the nearest as in eq. 2 (knn_log_prob's two logsumexps
-    would take two): a target whose weights fall below float32's range (p_cache < 1e-38) gets -inf too."""
+    would take two), none below exp(EXP_FLOOR): a target whose every weight is below it (p_cache < 1e-37)
+    gets about EXP_FLOOR instead of less, which mixed with p_LM changes nothing."""
     thetas = theta if isinstance(theta, (list, tuple)) else [theta]
     n, out, tiny = len(keys), keys.new_empty(len(thetas), len(keys)), torch.finfo(keys.dtype).tiny  # θ = 0: uniform
     for s in range(0, n, block):
         e, lo = min(s + block, n), max(0, s - window)
         t, i = torch.arange(s, e)[:, None], torch.arange(lo, e)[None]
         dots = keys[s:e] @ keys[lo:e].T                                      # h_t · h_i  [b, e - lo]
-        dots.masked_fill_((i >= t) | (i < t - window), -math.inf)           # only the W positions before t
+        cached = (i < t) & (i >= t - window)                                 # only the W positions before t
+        dots.masked_fill_(~cached, -math.inf)
         dots -= dots.amax(dim=1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # from the nearest: exp keeps its range
-        same = targets[lo:e][None] == targets[s:e, None]                     # x_{i+1} = x_{t+1}
+        same = (targets[lo:e][None] == targets[s:e, None]) & cached          # x_{i+1} = x_{t+1}, among them
         for j, th in enumerate(thetas):
-            weights = (dots * max(th, tiny)).exp_()                          # exp(θ h_t · h_i), up to a factor
-            log_norm = weights.sum(dim=1).log_()                             # -inf: an empty cache
-            log_p = weights.mul_(same).sum(dim=1).log_() - log_norm
-            out[j, s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)
+            weights = (dots * max(th, tiny)).clamp_(min=EXP_FLOOR).exp_()    # exp(θ h_t · h_i), the nearest 1
+            log_norm = weights.sum(dim=1).log_()
+            out[j, s:e] = weights.mul_(same).sum(dim=1).log_() - log_norm      # -inf: no cached target (or none cached)
     return out if isinstance(theta, (list, tuple)) else out[0]
 
 

@@ -147,11 +147,29 @@ def test_knn_distribution_sums_weights_per_token():
 def test_knn_log_prob_of_many_temperatures_at_once_is_each_alone():
     g = torch.Generator().manual_seed(0)
     dists = torch.rand(50, 16, generator=g).sort(dim=1).values * 10
+    dists[3, 10:] = math.inf                                    # FAISS found fewer than k
+    dists[4] = math.inf                                         # and none at all
     vals, targets = torch.randint(5, (50, 16), generator=g, dtype=torch.int32), torch.randint(5, (50,), generator=g)
     temperatures = [0.5, 1.0, 8.0]
     together = knnlm.knn_log_prob_grid(dists, vals, targets, temperatures, block=7)  # rows in blocks too
     for T, row in zip(temperatures, together):
-        assert torch.equal(row, knnlm.knn_log_prob(dists, vals, targets, T))
+        alone = knnlm.knn_log_prob(dists, vals, targets, T)
+        assert torch.equal(torch.isneginf(row), torch.isneginf(alone))   # the same targets get probability 0
+        torch.testing.assert_close(row, alone, rtol=1e-6, atol=1e-6)    # and the others float32's rounding of it
+
+
+def test_knn_log_prob_grid_floors_only_what_p_lm_outweighs():
+    """One neighbour carries the target, 2,000 (squared distance) beyond the nearest: at T = 1 its weight,
+    e^-2000, is below exp(EXP_FLOOR). knn_log_prob says -2000; the grid says about EXP_FLOOR. Mixed with
+    any p_LM by eq. 3 (λ < 1), both give the same log-probability."""
+    dists, vals = torch.tensor([[0.0, 1.0, 2000.0]]), torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    exact = knnlm.knn_log_prob(dists, vals, torch.tensor([3]), 1.0)
+    floored = knnlm.knn_log_prob_grid(dists, vals, torch.tensor([3]), [1.0])[0]
+    assert exact.item() < -1999 and floored.item() == pytest.approx(knnlm.EXP_FLOOR - math.log(1 + math.exp(-1)))
+    for log_p_lm in (-1.0, -20.0, -60.0):
+        for lmbda in (0.05, 0.25, 0.9):
+            lm = torch.tensor([log_p_lm])
+            assert torch.equal(knnlm.interpolate(lm, floored, lmbda), knnlm.interpolate(lm, exact, lmbda))
 
 
 def test_token_without_neighbour_gets_zero_knn_probability_without_nan():
