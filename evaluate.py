@@ -170,6 +170,7 @@ if args.results:
                "search": searched_by, "precision": {"evaluation": precision, "datastore": datastore.meta.precision,
                                                     "training": (checkpoints.training_args(ckpt)
                                                                  or {}).get("precision")},
+               "mkl": {"evaluation": cpu.mkl_path(), "training": (checkpoints.training_args(ckpt) or {}).get("mkl")},
                "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
                "key_type": datastore.key_type, "min_context": min_context, "measured_with": setting,
                **({"cache_ppl": cache_ppl, "knnlm_cache_ppl": knnlm_cache_ppl,

@@ -3,6 +3,8 @@
     pip install --no-build-isolation -e .
 
 Importing knnlm_ext registers the ops torch.ops.knnlm.topk_l2 and torch.ops.knnlm.rerank_l2.
+Beside it, knnlm_mkl_avx2 (csrc/mkl_avx2.cpp), a library that is never imported: run.sh loads
+it first on an AMD CPU with AVX2 (LD_PRELOAD), and MKL then runs its AVX2 kernels there.
 
 The CUDA kernel is built too when torch is a CUDA build and a CUDA toolkit is found;
 KNNLM_CUDA=1 forces it, KNNLM_CUDA=0 skips it.
@@ -10,7 +12,7 @@ KNNLM_CUDA=1 forces it, KNNLM_CUDA=0 skips it.
 import os
 
 import torch
-from setuptools import setup
+from setuptools import Extension, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 want_cuda = os.environ.get("KNNLM_CUDA", "auto")
@@ -29,13 +31,15 @@ else:
     ext = CppExtension("knnlm_ext", sources,
                        extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 
+mkl_avx2 = Extension("knnlm_mkl_avx2", ["csrc/mkl_avx2.cpp"], extra_compile_args=["-O2", "-g0"])
+
 setup(
     name="knnlm",
     version="0.1.0",
     description="kNN-LM (Khandelwal et al., ICLR 2020): a minimal, readable reference implementation",
     py_modules=["knnlm"],
     packages=["knnlm_tools"],
-    ext_modules=[ext],
+    ext_modules=[ext, mkl_avx2],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
 )

@@ -113,6 +113,7 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
     # data
     cli.check_device(args.device)
     args.precision = cpu.resolve_precision(args.precision, args.device)  # the checkpoint records which ran
+    args.mkl = cpu.mkl_path()  # and which kernels of MKL multiplied (run.sh: AVX2 on an AMD CPU)
     data_dir = corpora.resolve_corpus(args.data)
     train_path = knnlm.split_path(data_dir, "train")
     vocab = knnlm.Vocab.build(train_path, args.min_freq, args.max_vocab)

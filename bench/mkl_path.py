@@ -1,30 +1,30 @@
 """
 MKL's code path on an AMD CPU: the float32 matrix products of torch's CPU wheel go through
 Intel's MKL, which picks its AVX2 kernels only where it believes the CPU is Intel's, and on an
-AMD CPU runs a generic path (MKL_VERBOSE names it). Defining MKL's own `mkl_serv_intel_cpu_true`
-(and `mkl_serv_intel_cpu`) to return 1 in a library loaded first (LD_PRELOAD) makes it take the
-AVX2 path, the one it runs on an Intel CPU with AVX2. This measures
+AMD CPU runs a generic path (MKL_VERBOSE names it). knnlm_mkl_avx2 (csrc/mkl_avx2.cpp, built by
+`pip install --no-build-isolation -e .`) defines MKL's own `mkl_serv_intel_cpu_true` (and
+`mkl_serv_intel_cpu`) to return 1; loaded first (LD_PRELOAD, as run.sh does on an AMD CPU with
+AVX2) it makes MKL take the AVX2 path, the one it runs on an Intel CPU with AVX2. This measures
 what that path gives a training step of the main model, each setting in a process of its own,
 in turn (A B A B; the step and its process are bench.levers' lever 3, freed memory kept), and which
 path MKL says it took.
 
     python -m bench.mkl_path
 
-Writes bench/results/mkl_path.json and mkl_path.md. Not used by the scripts: it leans on an
-undocumented MKL symbol, and the other path computes other last bits (another model).
+Writes bench/results/mkl_path.json and mkl_path.md. The other path computes other last bits: the
+same recipe trains another model.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
+import importlib.util
 import time
 
 from knnlm_tools import cpu, files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\nint mkl_serv_intel_cpu(void) { return 1; }\n"
 
 
 def mkl_path(env):
@@ -41,21 +41,19 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="training steps timed per process")
     parser.add_argument("--vocab-size", type=int, default=13759, help="the main model's on WikiText-103-small")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "shim.c"), "w") as f:
-            f.write(SHIM)
-        shim = os.path.join(tmp, "libmkl_avx2_on_amd.so")
-        subprocess.run(["cc", "-O2", "-shared", "-fPIC", os.path.join(tmp, "shim.c"), "-o", shim], check=True)
-        envs = {"MKL's choice": dict(os.environ), "AVX2 path (LD_PRELOAD)": {**os.environ, "LD_PRELOAD": shim}}
-        paths = {name: mkl_path(env) for name, env in envs.items()}
-        runs = {name: [] for name in envs}
-        for _ in range(args.pairs):
-            for name, env in envs.items():
-                out = subprocess.run([sys.executable, "-m", "bench.levers", "--phase", "memory", "--kept", "1",  # its step
-                                      "--steps", str(args.steps), "--vocab-size", str(args.vocab_size)], env=env,
-                                     capture_output=True, text=True, check=True, cwd=os.path.dirname(HERE))
-                runs[name].append(json.loads(out.stdout.splitlines()[-1])["seconds_per_step"])
-                print(name, f"{runs[name][-1]:.3f} s/step", flush=True)
+    spec = importlib.util.find_spec(cpu.MKL_AVX2)
+    if spec is None:
+        parser.error(f"{cpu.MKL_AVX2} is not built: pip install --no-build-isolation -e .")
+    envs = {"MKL's choice": dict(os.environ), "AVX2 path (LD_PRELOAD)": {**os.environ, "LD_PRELOAD": spec.origin}}
+    paths = {name: mkl_path(env) for name, env in envs.items()}
+    runs = {name: [] for name in envs}
+    for _ in range(args.pairs):
+        for name, env in envs.items():
+            out = subprocess.run([sys.executable, "-m", "bench.levers", "--phase", "memory", "--kept", "1",  # its step
+                                  "--steps", str(args.steps), "--vocab-size", str(args.vocab_size)], env=env,
+                                 capture_output=True, text=True, check=True, cwd=os.path.dirname(HERE))
+            runs[name].append(json.loads(out.stdout.splitlines()[-1])["seconds_per_step"])
+            print(name, f"{runs[name][-1]:.3f} s/step", flush=True)
     best = {name: min(r) for name, r in runs.items()}
     record = {"command": " ".join(["python -m bench.mkl_path", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
               "machine": cpu.describe(), "mkl_path": paths, "seconds_per_step": runs, "best": best,

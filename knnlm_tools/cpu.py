@@ -12,8 +12,13 @@ is obeyed instead.
 bfloat16: autocast to bfloat16 is 1.5-2.3x faster where the CPU has the instructions
 (AVX512-BF16 or AMX) and far slower where oneDNN has to emulate them (AVX2), so "auto"
 asks torch's own CPU feature detection (cpuinfo) at run time.
+
+MKL: torch's float32 matrix products run in Intel's MKL, which takes its AVX2 kernels only on
+a CPU it believes is Intel's. On an AMD CPU with AVX2, run.sh loads knnlm_mkl_avx2 first
+(csrc/mkl_avx2.cpp), and mkl_path() says which path a process runs.
 """
 import ctypes
+import importlib.util
 import os
 import time
 from contextlib import nullcontext
@@ -74,6 +79,42 @@ def autocast(precision, device):
     if precision == "float32":
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+# -----------------------------------------------------------------------------
+# MKL's AVX2 path on an AMD CPU
+
+MKL_AVX2 = "knnlm_mkl_avx2"  # built by setup.py from csrc/mkl_avx2.cpp
+
+
+def cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
+
+
+def mkl_avx2_library():
+    """The file of knnlm_mkl_avx2 where loading it first (LD_PRELOAD) changes MKL's path: torch multiplies
+    with MKL and the CPU is an AMD one with AVX2. None elsewhere, or when it is not built."""
+    if not torch.backends.mkl.is_available() or cpu_vendor() != "AuthenticAMD" or "avx2" not in cpu_flags():
+        return None
+    spec = importlib.util.find_spec(MKL_AVX2)
+    return spec.origin if spec is not None else None
+
+
+def mkl_path():
+    """Which kernels MKL multiplies with in this process: "AVX2 (knnlm_mkl_avx2)" when that library is
+    loaded, else "its own choice"; None when torch has no MKL."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            forced = any(MKL_AVX2 in line for line in f)
+    except OSError:
+        forced = False
+    return f"AVX2 ({MKL_AVX2})" if forced else "its own choice"
 
 
 # -----------------------------------------------------------------------------
@@ -149,9 +190,10 @@ def describe():
         pass
     flags = cpu_flags()
     features = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    mkl = f"; MKL's path: {mkl_path()}" if mkl_path() else ""
     return (f"{name}, {os.cpu_count()} cores, {', '.join(features) or 'no AVX2'} (torch uses "
-            f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16: {'yes' if native_bfloat16() else 'no'}), "
-            f"torch {torch.__version__}")
+            f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16: {'yes' if native_bfloat16() else 'no'}"
+            f"{mkl}), torch {torch.__version__}")
 
 
 if __name__ == "__main__":

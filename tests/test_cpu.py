@@ -94,6 +94,7 @@ def test_the_scripts_say_which_precision_and_search_ran(tmp_path):
     results = json.load(open(root / "r.json"))
     assert results["precision"] == {"evaluation": "float32", "datastore": "bfloat16", "training": None}
     assert results["search"] == "exact (torch)" and results["measured_with"]["precision"] == "float32"
+    assert results["mkl"] == {"evaluation": cpu.mkl_path(), "training": None}  # the scripts' own choice here
     # a datastore of another precision is another datastore: its build is not reused
     out = run("build_datastore.py", "--data", data, "--precision", "float32", cwd=root, check=False)
     assert out.returncode == 2 and "precision" in out.stderr
@@ -112,5 +113,26 @@ def test_training_records_its_precision_and_resumes_only_in_it(tmp_path):
     run("train.py", *args, "--precision", "bfloat16", cwd=tmp_path)
     ckpt = torch.load(tmp_path / "runs" / "model.pt", weights_only=True)
     assert ckpt["args"]["precision"] == "bfloat16"
+    assert ckpt["args"]["mkl"] == cpu.mkl_path()  # not loaded first here: MKL's own choice (None without MKL)
     out = run("train.py", *args, "--precision", "float32", "--resume", cwd=tmp_path, check=False)
     assert out.returncode == 2 and "--precision" in out.stderr
+
+
+def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_avx2_path():
+    """run.sh on an AMD CPU with AVX2: MKL then says it runs its AVX2 kernels, mkl_path() says so too (the
+    checkpoint and the results record it), and a float32 product is still float32's rounding of float64's."""
+    library = cpu.mkl_avx2_library()
+    if library is None:
+        pytest.skip("not an AMD CPU with AVX2 and MKL, or knnlm_mkl_avx2 not built (pip install -e .)")
+    code = ("import torch; from knnlm_tools import cpu; g = torch.Generator().manual_seed(0); "
+            "a, b = torch.randn(300, 256, generator=g), torch.randn(256, 500, generator=g); "
+            "error = (a @ b).double() - a.double() @ b.double(); "  # within float32's bound for 256-term sums
+            "assert (error.abs() <= 256 * 2 ** -24 * (a.abs() @ b.abs()).double()).all(); print(cpu.mkl_path())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for preload, path in ((library, "AVX2 (knnlm_mkl_avx2)"), ("", "its own choice")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": preload, "MKL_VERBOSE": "1"},
+                             capture_output=True, text=True, check=True, cwd=root)
+        lines = out.stdout.splitlines()
+        assert lines[-1] == path
+        banner = next(line for line in lines if line.startswith("MKL_VERBOSE oneMKL"))
+        assert ("(Intel(R) AVX2) enabled processors" in banner) == bool(preload), banner
