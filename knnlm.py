@@ -532,7 +532,8 @@ def cache_log_prob(keys, targets, theta, window=CACHE_WINDOW, block=512):
         for j, th in enumerate(thetas):
             weights = (dots * max(th, tiny)).clamp_(min=EXP_FLOOR).exp_()    # exp(θ h_t · h_i), the nearest 1
             log_norm = weights.sum(dim=1).log_()
-            out[j, s:e] = weights.mul_(same).sum(dim=1).log_() - log_norm      # -inf: no cached target (or none cached)
+            log_p = weights.mul_(same).sum(dim=1).log_() - log_norm           # -inf: no cached target
+            out[j, s:e] = log_p.masked_fill_(torch.isneginf(log_norm), -math.inf)  # (an empty cache, if unfloored)
     return out if isinstance(theta, (list, tuple)) else out[0]
 
 

@@ -20,6 +20,12 @@ if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 data=${1:-data/wikitext-103-small}
 name=$(basename "$data")$([ "$quick" = 1 ] && echo -quick || true)
 times=()
+mkl_avx2() {  # MKL multiplies torch's float32 matrices with its AVX2 kernels only on a CPU it takes for Intel's:
+    # on an AMD CPU with AVX2, knnlm_mkl_avx2 (csrc/mkl_avx2.cpp) loaded first makes it (docs/speed.md). Not with KNNLM_MKL_AVX2=0
+    local library
+    library=$([ "${KNNLM_MKL_AVX2:-1}" = 0 ] || python -c "from knnlm_tools import cpu; print(cpu.mkl_avx2_library() or '')")
+    if [ -n "$library" ]; then export LD_PRELOAD="$library${LD_PRELOAD:+:$LD_PRELOAD}"; fi
+}
 step() {  # step NAME COMMAND...: run it, and keep how long it took
     local start=$SECONDS
     "${@:2}"
@@ -34,10 +40,7 @@ if [ "$quick" = 1 ]; then  # no C++ kernel to compile: the exact search of knnlm
         --k 1024 --tune --max-tokens 20000 --results "results/$name.json"
 else  # the paper's search: FAISS IVF-PQ, re-ranked by exact distances (--backend ext: exact, one flag away)
     step compile pip install --no-build-isolation -e .   # the C++ search kernel of csrc/
-    # MKL multiplies torch's float32 matrices with its AVX2 kernels only on a CPU it takes for Intel's: on an
-    # AMD CPU with AVX2, knnlm_mkl_avx2 (csrc/mkl_avx2.cpp) loaded first makes it (docs/speed.md); KNNLM_MKL_AVX2=0: not
-    mkl_avx2=$([ "${KNNLM_MKL_AVX2:-1}" = 0 ] || python -c "from knnlm_tools import cpu; print(cpu.mkl_avx2_library() or '')")
-    if [ -n "$mkl_avx2" ]; then export LD_PRELOAD="$mkl_avx2${LD_PRELOAD:+:$LD_PRELOAD}"; fi
+    step mkl mkl_avx2
     step train python train.py --data "$data"
     step datastore python build_datastore.py --data "$data"
     step index python build_datastore.py --data "$data" --index
