@@ -163,14 +163,14 @@ for split, cache in caches.items():
               "(λ = 1 and none of its neighbours carries it)")
 
 if args.results:
+    trained = checkpoints.training_args(ckpt) or {}  # train.py's arguments (none for a converted model)
     setting = datastores.measured_with(ckpt["fingerprint"], datastore, args.k, args.lmbda, args.temperature,
                                       min_context, args.max_tokens, precision)
     results = {"lm_ppl": lm_ppl, "knnlm_ppl": knnlm_ppl, "k": args.k, "lambda": args.lmbda,
                "temperature": args.temperature, "datastore_size": len(datastore), "backend": backend,
                "search": searched_by, "precision": {"evaluation": precision, "datastore": datastore.meta.precision,
-                                                    "training": (checkpoints.training_args(ckpt)
-                                                                 or {}).get("precision")},
-               "mkl": {"evaluation": cpu.mkl_path(), "training": (checkpoints.training_args(ckpt) or {}).get("mkl")},
+                                                    "training": trained.get("precision")},
+               "mkl": {"evaluation": cpu.mkl_path(), "training": trained.get("mkl")},
                "tuned_on_valid": args.tune, "vocab_size": len(vocab), "model": ckpt["config"],
                "key_type": datastore.key_type, "min_context": min_context, "measured_with": setting,
                **({"cache_ppl": cache_ppl, "knnlm_cache_ppl": knnlm_cache_ppl,

@@ -58,12 +58,17 @@ def native_bfloat16():
     return any(check() for check in checks if check is not None)
 
 
-def cpu_flags():
+def cpuinfo(field):
+    """The value of the first `field` line of /proc/cpuinfo ("flags", "vendor_id", "model name"); None off Linux."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     except OSError:
-        return set()
+        return None
+
+
+def cpu_flags():
+    return set((cpuinfo("flags") or "").split())
 
 
 def resolve_precision(precision, device):
@@ -87,18 +92,10 @@ def autocast(precision, device):
 MKL_AVX2 = "knnlm_mkl_avx2"  # built by setup.py from csrc/mkl_avx2.cpp
 
 
-def cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
-    except OSError:
-        return None
-
-
 def mkl_avx2_library():
     """The file of knnlm_mkl_avx2 where loading it first (LD_PRELOAD) changes MKL's path: torch multiplies
     with MKL and the CPU is an AMD one with AVX2. None elsewhere, or when it is not built."""
-    if not torch.backends.mkl.is_available() or cpu_vendor() != "AuthenticAMD" or "avx2" not in cpu_flags():
+    if not torch.backends.mkl.is_available() or cpuinfo("vendor_id") != "AuthenticAMD" or "avx2" not in cpu_flags():
         return None
     spec = importlib.util.find_spec(MKL_AVX2)
     return spec.origin if spec is not None else None
@@ -182,15 +179,10 @@ class Threads:
 
 def describe():
     """This machine in one line: the CPU, its vector and bfloat16 instructions, cores, torch."""
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
+    name = cpuinfo("model name") or "unknown CPU"
     flags = cpu_flags()
     features = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    mkl = f"; MKL's path: {mkl_path()}" if mkl_path() else ""
+    mkl = f"; MKL's path: {mkl_path()}" if torch.backends.mkl.is_available() else ""
     return (f"{name}, {os.cpu_count()} cores, {', '.join(features) or 'no AVX2'} (torch uses "
             f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16: {'yes' if native_bfloat16() else 'no'}"
             f"{mkl}), torch {torch.__version__}")
