@@ -19,16 +19,14 @@ Writes bench/results/exp_floor.json and exp_floor.md.
 """
 import argparse
 import math
-import os
 import sys
 import time
 
 import torch
 
 import knnlm
-from knnlm_tools import checkpoints, corpora, cpu, datastores, files
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from bench import write_results
+from knnlm_tools import checkpoints, corpora, cpu, datastores
 
 
 def timed(fn):
@@ -113,11 +111,7 @@ def main():
     lines += ["", f"Tuned before: {tuned['before']}; floored: {tuned['floored']}. Largest relative difference of "
                   f"a perplexity over the grids (λ < 1): kNN-LM {record['worst_ppl_difference']['kNN-LM']:.1e}, "
                   f"LM + cache {record['worst_ppl_difference']['LM + cache']:.1e}."]
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    files.write_json(record, os.path.join(HERE, "results", "exp_floor.json"))
-    with open(os.path.join(HERE, "results", "exp_floor.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("exp_floor", record, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

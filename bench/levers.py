@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import knnlm
+from bench import write_results
 from knnlm_tools import checkpoints, corpora, cpu, datastores, files, search
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -291,11 +292,7 @@ def main():
                                        "quick model (16 windows of 64)": (quick, 16)}, train, args.steps)
     record["search"] = search_lever(model, datastore, test[:None if args.search_tokens is None else args.search_tokens + 1],
                                     results)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    files.write_json(record, os.path.join(HERE, "results", f"{args.out}.json"))
-    with open(os.path.join(HERE, "results", f"{args.out}.md"), "w") as f:
-        f.write(markdown(record))
-    print(markdown(record))
+    write_results(args.out, record, markdown(record))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ Writes bench/results/mkl_path.json and mkl_path.md. The other path computes othe
 same recipe trains another model.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import importlib.util
 import time
 
-from knnlm_tools import cpu, files
+from bench import write_results
+from knnlm_tools import cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -64,11 +65,7 @@ def main():
     lines += [f"| {name} | {paths[name]} | {', '.join(f'{s:.3f}' for s in runs[name])} | {best[name]:.3f} |"
               for name in envs]
     lines += ["", f"The AVX2 path: {record['speedup']:.2f}x."]
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    files.write_json(record, os.path.join(HERE, "results", "mkl_path.json"))
-    with open(os.path.join(HERE, "results", "mkl_path.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("mkl_path", record, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
