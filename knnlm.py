@@ -122,13 +122,27 @@ class ModelConfig:
     dropout: float = 0.1
 
 
+class Dropout(nn.Module):
+    """nn.Dropout's function, its mask drawn by torch.rand (in float32, whatever x's precision): on a CPU
+    that is not Intel's, nn.Dropout's draw (bernoulli_, without MKL there) takes twice as long (bench/levers.py)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand(x.shape, device=x.device) >= self.p) / (1 - self.p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -145,7 +159,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x):
         return self.drop(self.proj(F.gelu(self.fc(x))))
@@ -157,13 +171,19 @@ class Block(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(cfg.d_model), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x, taps=None):
+    def forward(self, x, taps=None, at=None):
+        """x [B, T, d] -> [B, T, d]; with `at`, a bool mask [B, T], the output at its positions only [n, d]:
+        the feed-forward part acts on each position alone, so it runs only where the output is needed."""
         attn_out = self.attn(self.ln_1(x))
         ffn_in = x + attn_out
         ffn_in_ln = self.ln_2(ffn_in)
-        out = ffn_in + self.mlp(ffn_in_ln)
         if taps is not None:  # the candidate kNN keys of Table 5
-            taps.update(block_in=x, attn_out=attn_out, ffn_in=ffn_in, ffn_in_ln=ffn_in_ln, block_out=out)
+            taps.update(block_in=x, attn_out=attn_out, ffn_in=ffn_in, ffn_in_ln=ffn_in_ln)
+        if at is not None:
+            ffn_in, ffn_in_ln = ffn_in[at], ffn_in_ln[at]
+        out = ffn_in + self.mlp(ffn_in_ln)
+        if taps is not None:
+            taps["block_out"] = out
         return out
 
 
@@ -173,7 +193,7 @@ class TransformerLM(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.apply(self._init_weights)
@@ -188,16 +208,21 @@ class TransformerLM(nn.Module):
     def forward(self, idx, key_type=None, at=None):
         """idx [B, T] -> logits [B, T, V], and the keys [B, T, d] if key_type is given. With `at`, a bool
         mask [B, T], only the logits at its positions [n, V]: the output layer is most of a small model's
-        work, and a sliding window scores half its positions (none: the datastore needs the keys alone)."""
+        work, and a sliding window scores half its positions (none: the datastore needs the keys alone). The
+        last block's MLP and the final LayerNorm then run only there too."""
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context {self.cfg.block_size}")
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
         taps = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x, taps if i == len(self.blocks) - 1 else None)
-        x = self.ln_f(x)
-        logits = (x if at is None else x[at]) @ self.wte.weight.T  # tied input/output embeddings
+        for block in self.blocks[:-1]:
+            x = block(x)
+        if key_type == "block_out":  # a key needed at every position
+            x = self.blocks[-1](x, taps)
+            x = x if at is None else x[at]
+        else:  # past the last attention each position is on its own: the rest runs only where a logit is asked for
+            x = self.blocks[-1](x, taps, at)
+        logits = self.ln_f(x) @ self.wte.weight.T  # tied input/output embeddings
         return logits if key_type is None else (logits, taps[key_type])
 
 

@@ -41,7 +41,7 @@ if [ "$quick" = 1 ]; then  # no C++ kernel to compile: the exact search of knnlm
 else  # the paper's search: FAISS IVF-PQ, re-ranked by exact distances (--backend ext: exact, one flag away)
     step compile pip install --no-build-isolation -e .   # the C++ search kernel of csrc/
     step mkl mkl_avx2
-    step train python train.py --data "$data"
+    step train python train.py --data "$data" --eval-interval 300  # validations at 300 and 600: the same model
     step datastore python build_datastore.py --data "$data"
     step index python build_datastore.py --data "$data" --index
     step evaluate python evaluate.py --data "$data" --k 1024 --tune --cache --backend faiss --results "results/$name.json"

@@ -12,13 +12,19 @@ it replaces, on this project's model and WikiText-103-small:
 4. precision: a training step and a forward pass in bfloat16 autocast vs float32.
 5. threads: a training step of the main model and of the quick run's, alone and beside one busy
    process, with 2 threads, 1 thread, and cpu.Threads()'s choice, each against 2 threads alone.
+6. the last block: the datastore's and the evaluation's passes with the last block's MLP and the
+   final LayerNorm at every position vs only where a logit is asked for (none for the datastore).
+7. the training step: the main model's with nn.Dropout vs knnlm.Dropout (masks from torch.rand),
+   and AdamW one op at a time vs fused into one kernel.
 
     bash run.sh ../shared/data/wikitext-103-small   # the model, the datastore and its index
     python -m bench.levers --data ../shared/data/wikitext-103-small
 
 Writes bench/results/levers.json and levers.md. Lever 1 searches every test token twice
 (--search-tokens for fewer); the others time a few steps, interleaved (A B A B) so that the
-machine's drift falls on both sides of a ratio.
+machine's drift falls on both sides of a ratio. --only runs some of them (to levers-N-M.json):
+
+    python -m bench.levers --only 6 7
 """
 import argparse
 import json
@@ -218,40 +224,117 @@ def threads_lever(configs, tokens, steps):
 
 
 # -----------------------------------------------------------------------------
+# 6. The last block's MLP only where a logit is asked for
+
+def whole_last_block(model, x, at):
+    """The forward pass as it was: the last block's MLP and the final LayerNorm at every position, then the
+    logits at `at`."""
+    taps = {}
+    h = model.drop(model.wte(x) + model.wpe(torch.arange(x.shape[1])))
+    for block in model.blocks[:-1]:
+        h = block(h)
+    h = model.ln_f(model.blocks[-1](h, taps))
+    return h[at] @ model.wte.weight.T, taps["ffn_in_ln"]
+
+
+def last_block_lever(model, tokens, repeats):
+    x, _, _ = next(knnlm.sliding_batches(tokens, model.cfg.block_size, None, 16))
+    scored = torch.zeros_like(x, dtype=torch.bool)
+    scored[:, model.cfg.block_size // 2:] = True  # a window past the first: its second half is scored
+    none = torch.zeros_like(scored)
+    rows = {}
+    with torch.no_grad():
+        for name, at in (("datastore pass (no logits)", none), ("evaluation pass (scored half)", scored)):
+            logits, keys = model(x, key_type="ffn_in_ln", at=at)
+            before_logits, before_keys = whole_last_block(model, x, at)
+            assert torch.equal(keys, before_keys) and torch.allclose(logits, before_logits, atol=1e-5)
+            best = interleaved({"every position": lambda at=at: whole_last_block(model, x, at),
+                                "where needed": lambda at=at: model(x, key_type="ffn_in_ln", at=at)}, repeats)
+            rows[name] = {**best, "speedup": best["every position"] / best["where needed"]}
+    return {**rows, "windows": len(x)}
+
+
+# -----------------------------------------------------------------------------
+# 7. The training step's extras: dropout masks from torch.rand, AdamW's update fused
+
+def training_extras_lever(cfg, tokens, repeats, windows=8):
+    """A training step of train.py's model and optimizer as they were (nn.Dropout, AdamW one op at a time),
+    with knnlm.Dropout, and with both it and the fused AdamW, in turn."""
+    x, y = batch_of(tokens, cfg.block_size, windows)
+    steps = {}
+    for name, dropout, fused in (("nn.Dropout, AdamW", "nn", False), ("knnlm.Dropout, AdamW", "knnlm", False),
+                                 ("knnlm.Dropout, fused AdamW", "knnlm", True)):
+        torch.manual_seed(0)
+        model = knnlm.TransformerLM(cfg)
+        if dropout == "nn":
+            for module in list(model.modules()):
+                for child_name, child in list(module.named_children()):
+                    if isinstance(child, knnlm.Dropout):
+                        setattr(module, child_name, torch.nn.Dropout(child.p))
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=1e-4, betas=(0.9, 0.95), fused=fused)
+        steps[name] = lambda model=model, optimizer=optimizer: training_step(model, x, y, optimizer)
+    best = interleaved(steps, repeats)
+    before = best["nn.Dropout, AdamW"]
+    return {"rows": {name: {"seconds": seconds, "speedup": before / seconds} for name, seconds in best.items()},
+            "windows": windows, "dropout": cfg.dropout}
+
+
+# -----------------------------------------------------------------------------
 
 def markdown(r):
-    s = r["search"]
-    lines = [f"`{r['command']}` on {r['machine']}, {r['date']}.", "",
-             f"1. Search, WikiText-103-small test ({s['tokens']:,} tokens, k = {K}, λ = {s['lambda']}, "
-             f"T = {s['temperature']}; LM {s['lm_ppl']:.2f}):", "",
-             "| search | test ppl | search s | queries/s |", "|---|---|---|---|"]
-    lines += [f"| {name} ({row['backend']}) | {row['test_ppl']:.3f} | {row['search_seconds']} | {row['queries_per_second']:,} |"
-              for name, row in s["rows"].items()]
-    lines += ["", f"{s['index']}, nprobe {s['nprobe']}: {s['speedup']:.1f}x faster search, perplexity "
-                  f"{s['ppl_change_percent']:+.3f}%.", "",
-              f"2. The output layer ({r['output layer']['windows']} windows of 256, best of {r['repeats']}):", "",
-              "| pass | before s | after s | speedup |", "|---|---|---|---|"]
-    for name, (before, after) in (("datastore pass", ("keys and all logits", "keys alone")),
-                                  ("evaluation pass", ("all logits", "scored logits"))):
-        row = r["output layer"][name]
-        lines.append(f"| {name}: {after} vs {before} | {row[before]:.3f} | {row[after]:.3f} | {row['speedup']:.2f}x |")
-    m = r["memory"]
-    lines += ["", f"3. Freed memory kept, a training step of the main model (best of {m['pairs']} processes each):",
-              "", "| malloc | s/step | page faults/step |", "|---|---|---|"]
-    lines += [f"| {name} | {m[name]['seconds_per_step']:.3f} | {m[name]['page_faults_per_step']:,.0f} |"
-              for name in ("glibc's default", "reuse_freed_memory()")]
-    lines += ["", f"{m['speedup']:.2f}x faster."]
-    p = r["precision"]
-    lines += ["", f"4. bfloat16 autocast vs float32 ({p['windows']} windows of 256; native bfloat16: "
-                  f"{'yes' if p['native_bfloat16'] else 'no'}):", "",
-              "| | float32 s | bfloat16 s | bfloat16 speedup |", "|---|---|---|---|"]
-    lines += [f"| {name} | {p[name]['float32']:.3f} | {p[name]['bfloat16']:.3f} | {p[name]['speedup']:.2f}x |"
-              for name in ("training step", "forward pass")]
-    lines += ["", "5. Threads: seconds per training step, alone and beside one busy process (`python -c 'while True: "
-                  "pass'`), against the default alone:", "",
-              "| model, neighbour, policy | threads | s/step | vs alone |", "|---|---|---|---|"]
-    lines += [f"| {name} | {row['threads']} | {row['seconds_per_step']:.3f} | {row['vs_alone']:.2f}x |"
-              for name, row in r["threads"].items()]
+    lines = [f"`{r['command']}` on {r['machine']}, {r['date']}."]
+    if "search" in r:
+        s = r["search"]
+        lines += ["", f"1. Search, WikiText-103-small test ({s['tokens']:,} tokens, k = {K}, λ = {s['lambda']}, "
+                      f"T = {s['temperature']}; LM {s['lm_ppl']:.2f}):", "",
+                  "| search | test ppl | search s | queries/s |", "|---|---|---|---|"]
+        lines += [f"| {name} ({row['backend']}) | {row['test_ppl']:.3f} | {row['search_seconds']} | "
+                  f"{row['queries_per_second']:,} |" for name, row in s["rows"].items()]
+        lines += ["", f"{s['index']}, nprobe {s['nprobe']}: {s['speedup']:.1f}x faster search, perplexity "
+                      f"{s['ppl_change_percent']:+.3f}%."]
+    if "output layer" in r:
+        lines += ["", f"2. The output layer ({r['output layer']['windows']} windows of 256, best of {r['repeats']}):",
+                  "", "| pass | before s | after s | speedup |", "|---|---|---|---|"]
+        for name, (before, after) in (("datastore pass", ("keys and all logits", "keys alone")),
+                                      ("evaluation pass", ("all logits", "scored logits"))):
+            row = r["output layer"][name]
+            lines.append(f"| {name}: {after} vs {before} | {row[before]:.3f} | {row[after]:.3f} | {row['speedup']:.2f}x |")
+    if "memory" in r:
+        m = r["memory"]
+        lines += ["", f"3. Freed memory kept, a training step of the main model (best of {m['pairs']} processes each):",
+                  "", "| malloc | s/step | page faults/step |", "|---|---|---|"]
+        lines += [f"| {name} | {m[name]['seconds_per_step']:.3f} | {m[name]['page_faults_per_step']:,.0f} |"
+                  for name in ("glibc's default", "reuse_freed_memory()")]
+        lines += ["", f"{m['speedup']:.2f}x faster."]
+    if "precision" in r:
+        p = r["precision"]
+        lines += ["", f"4. bfloat16 autocast vs float32 ({p['windows']} windows of 256; native bfloat16: "
+                      f"{'yes' if p['native_bfloat16'] else 'no'}):", "",
+                  "| | float32 s | bfloat16 s | bfloat16 speedup |", "|---|---|---|---|"]
+        lines += [f"| {name} | {p[name]['float32']:.3f} | {p[name]['bfloat16']:.3f} | {p[name]['speedup']:.2f}x |"
+                  for name in ("training step", "forward pass")]
+    if "threads" in r:
+        lines += ["", "5. Threads: seconds per training step, alone and beside one busy process (`python -c 'while "
+                      "True: pass'`), against the default alone:", "",
+                  "| model, neighbour, policy | threads | s/step | vs alone |", "|---|---|---|---|"]
+        lines += [f"| {name} | {row['threads']} | {row['seconds_per_step']:.3f} | {row['vs_alone']:.2f}x |"
+                  for name, row in r["threads"].items()]
+    if "last block" in r:
+        b = r["last block"]
+        lines += ["", f"6. The last block's MLP and the final LayerNorm at every position vs only where a logit is "
+                      f"asked for ({b['windows']} windows of 256, best of {r['repeats']}; the keys identical):", "",
+                  "| pass | every position s | where needed s | speedup |", "|---|---|---|---|"]
+        lines += [f"| {name} | {row['every position']:.3f} | {row['where needed']:.3f} | {row['speedup']:.2f}x |"
+                  for name, row in b.items() if name != "windows"]
+    if "training step" in r:
+        t = r["training step"]
+        lines += ["", f"7. A training step of the main model ({t['windows']} windows of 256, dropout {t['dropout']}, "
+                      f"best of {r['repeats']}), against nn.Dropout and AdamW one op at a time:", "",
+                  "| dropout, optimizer | s/step | speedup |", "|---|---|---|"]
+        lines += [f"| {name} | {row['seconds']:.3f} | {row['speedup']:.3f}x |" for name, row in t["rows"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -264,35 +347,52 @@ def main():
     parser.add_argument("--search-tokens", type=int, default=None, help="lever 1 on the first N test tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="training steps per thread policy")
-    parser.add_argument("--out", default="levers", help="results file name under bench/results/")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 8), metavar="N",
+                        help="run only these levers (1 to 7; default: all)")
+    parser.add_argument("--out", default=None, help="results file name under bench/results/ (default: levers, "
+                                                    "with --only levers-N-M)")
     parser.add_argument("--phase", choices=["memory"], help=argparse.SUPPRESS)
     parser.add_argument("--kept", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         return memory_child(args)
+    only = set(args.only or range(1, 8))
+    out = args.out or ("levers" if args.only is None else "levers-" + "-".join(map(str, sorted(only))))
     torch.manual_seed(0)
     model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint)
     data_dir = corpora.resolve_corpus(args.data)
+    train = vocab.encode_file(knnlm.split_path(data_dir, "train"))
+    searched = search_inputs(args, vocab, data_dir, model) if 1 in only else None  # checked before the long work
+    record = {"command": "python -m bench.levers " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+              "machine": cpu.describe(), "repeats": args.repeats}
+    levers = {  # name in the record: (number, how it is measured)
+        "output layer": (2, lambda: output_layer_lever(model, train, args.repeats)),
+        "memory": (3, lambda: memory_lever(model.cfg, args.repeats, args.steps)),
+        "precision": (4, lambda: precision_lever(model.cfg, train, max(1, args.repeats - 1))),
+        "threads": (5, lambda: threads_lever({
+            "main model (8 windows of 256)": (model.cfg, 8),
+            "quick model (16 windows of 64)": (knnlm.ModelConfig(vocab_size=len(vocab), block_size=64, n_layer=2,
+                                                                 n_head=4, d_model=128, dropout=0.2), 16)},
+            train, args.steps)),
+        "last block": (6, lambda: last_block_lever(model, train, args.repeats)),
+        "training step": (7, lambda: training_extras_lever(model.cfg, train, args.repeats)),
+        "search": (1, lambda: search_lever(model, *searched)),
+    }
+    for name, (number, measure) in levers.items():
+        if number in only:
+            record[name] = measure()
+            print(record[name], flush=True)
+    write_results(out, record, markdown(record))
+
+
+def search_inputs(args, vocab, data_dir, model):
+    """Lever 1's datastore (with its index), test tokens and results file."""
     datastore = datastores.DiskDatastore(args.datastore)
     datastore.check_model(model, vocab)
     test = vocab.encode_file(knnlm.split_path(data_dir, "test"))
-    train = vocab.encode_file(knnlm.split_path(data_dir, "train"))
     results = files.read_json(args.results, {"lambda": (int, float), "temperature": (int, float), "min_context": int})
-    record = {"command": "python -m bench.levers " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "machine": cpu.describe(), "repeats": args.repeats}
-    record["output layer"] = output_layer_lever(model, train, args.repeats)
-    print(record["output layer"], flush=True)
-    record["memory"] = memory_lever(model.cfg, args.repeats, args.steps)
-    print(record["memory"], flush=True)
-    record["precision"] = precision_lever(model.cfg, train, max(1, args.repeats - 1))
-    print(record["precision"], flush=True)
-    quick = knnlm.ModelConfig(vocab_size=len(vocab), block_size=64, n_layer=2, n_head=4, d_model=128, dropout=0.2)
-    record["threads"] = threads_lever({"main model (8 windows of 256)": (model.cfg, 8),
-                                       "quick model (16 windows of 64)": (quick, 16)}, train, args.steps)
-    record["search"] = search_lever(model, datastore, test[:None if args.search_tokens is None else args.search_tokens + 1],
-                                    results)
-    write_results(args.out, record, markdown(record))
+    return datastore, test[:None if args.search_tokens is None else args.search_tokens + 1], results
 
 
 if __name__ == "__main__":

@@ -71,11 +71,33 @@ def test_logits_at_some_positions_are_those_of_the_whole_window():
     model = tiny_model(50)
     x = torch.randint(50, (3, 10))
     at = torch.rand(3, 10) < 0.5
-    logits, keys = model(x, key_type="ffn_in_ln")
-    some, same_keys = model(x, key_type="ffn_in_ln", at=at)
-    assert torch.allclose(some, logits[at], atol=1e-6) and torch.equal(keys, same_keys)
-    none, keys_alone = model(x, key_type="ffn_in_ln", at=torch.zeros_like(at))  # the datastore's pass
-    assert none.shape == (0, 50) and torch.equal(keys_alone, keys)
+    rows = []  # what the last block's MLP is given: only the positions whose logits are asked for
+    model.blocks[-1].mlp.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[:-1]))
+    for key_type in knnlm.KEY_TYPES:
+        logits, keys = model(x, key_type=key_type)
+        some, same_keys = model(x, key_type=key_type, at=at)
+        assert torch.allclose(some, logits[at], atol=1e-6) and torch.equal(keys, same_keys)
+        none, keys_alone = model(x, key_type=key_type, at=torch.zeros_like(at))  # the datastore's pass
+        assert none.shape == (0, 50) and torch.equal(keys_alone, keys)
+    rows = iter(rows)
+    for key_type in knnlm.KEY_TYPES:  # block_out is itself the MLP's output: it runs at every position
+        expected = [(3, 10)] * 3 if key_type == "block_out" else [(3, 10), (int(at.sum()),), (0,)]
+        assert [tuple(next(rows)) for _ in range(3)] == expected, key_type
+
+
+def test_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
+    drop = knnlm.Dropout(0.2)
+    x = torch.full((1000, 1000), 3.0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.002  # 1e6 draws: the standard error is 0.0004
+    assert torch.allclose(y[kept], torch.tensor(3.0 / 0.8)) and abs(y.mean().item() - 3.0) < 0.01
+    assert not torch.equal(drop(x), y)  # a fresh mask each call
+    assert drop.eval()(x) is x and knnlm.Dropout(0.0)(x) is x
+    x = torch.randn(4, 5, requires_grad=True)
+    y = knnlm.Dropout(0.5)(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() * 2)  # the gradient goes through the kept units only, scaled
 
 
 def test_model_is_causal():
