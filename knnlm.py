@@ -122,27 +122,13 @@ class ModelConfig:
     dropout: float = 0.1
 
 
-class Dropout(nn.Module):
-    """nn.Dropout's function, its mask drawn by torch.rand (in float32, whatever x's precision): on a CPU
-    that is not Intel's, nn.Dropout's draw (bernoulli_, without MKL there) takes twice as long (bench/levers.py)."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        return x * (torch.rand(x.shape, device=x.device) >= self.p) / (1 - self.p)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.resid_drop = Dropout(cfg.dropout)
+        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -159,7 +145,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
         return self.drop(self.proj(F.gelu(self.fc(x))))
@@ -193,7 +179,7 @@ class TransformerLM(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.drop = Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.apply(self._init_weights)

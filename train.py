@@ -141,8 +141,7 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                                  fused=True)  # the whole update in one kernel, not one op at a time (bench/levers.py)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
     first_step, best_ppl, best_step = 0, math.inf, None
     history, losses = [], []  # the curve, at each validation: step, mean training loss since the last, valid ppl

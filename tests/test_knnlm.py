@@ -85,21 +85,6 @@ def test_logits_at_some_positions_are_those_of_the_whole_window():
         assert [tuple(next(rows)) for _ in range(3)] == expected, key_type
 
 
-def test_dropout_zeroes_a_fraction_p_and_keeps_the_mean():
-    drop = knnlm.Dropout(0.2)
-    x = torch.full((1000, 1000), 3.0)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.8) < 0.002  # 1e6 draws: the standard error is 0.0004
-    assert torch.allclose(y[kept], torch.tensor(3.0 / 0.8)) and abs(y.mean().item() - 3.0) < 0.01
-    assert not torch.equal(drop(x), y)  # a fresh mask each call
-    assert drop.eval()(x) is x and knnlm.Dropout(0.0)(x) is x
-    x = torch.randn(4, 5, requires_grad=True)
-    y = knnlm.Dropout(0.5)(x)
-    y.sum().backward()
-    assert torch.equal(x.grad, (y != 0).float() * 2)  # the gradient goes through the kept units only, scaled
-
-
 def test_model_is_causal():
     model = tiny_model(50)
     x = torch.randint(50, (1, 12))
