@@ -90,11 +90,17 @@ def search_lever(model, datastore, tokens, results, batch=1024):
 # -----------------------------------------------------------------------------
 # 2. The output layer: only where it is needed
 
-def output_layer_lever(model, tokens, repeats):
+def windows_and_masks(model, tokens):
+    """16 windows of the text, with the evaluation's mask of them (a window past the first: its second half
+    is scored) and the datastore's (no logits)."""
     x, _, _ = next(knnlm.sliding_batches(tokens, model.cfg.block_size, None, 16))
     scored = torch.zeros_like(x, dtype=torch.bool)
-    scored[:, model.cfg.block_size // 2:] = True  # a window past the first: its second half is scored
-    none = torch.zeros_like(scored)
+    scored[:, model.cfg.block_size // 2:] = True
+    return x, scored, torch.zeros_like(scored)
+
+
+def output_layer_lever(model, tokens, repeats):
+    x, scored, none = windows_and_masks(model, tokens)
     with torch.no_grad():
         datastore = interleaved({"keys and all logits": lambda: model(x, key_type="ffn_in_ln"),
                                  "keys alone": lambda: model(x, key_type="ffn_in_ln", at=none)}, repeats)
@@ -238,10 +244,7 @@ def whole_last_block(model, x, at):
 
 
 def last_block_lever(model, tokens, repeats):
-    x, _, _ = next(knnlm.sliding_batches(tokens, model.cfg.block_size, None, 16))
-    scored = torch.zeros_like(x, dtype=torch.bool)
-    scored[:, model.cfg.block_size // 2:] = True  # a window past the first: its second half is scored
-    none = torch.zeros_like(scored)
+    x, scored, none = windows_and_masks(model, tokens)
     rows = {}
     with torch.no_grad():
         for name, at in (("datastore pass (no logits)", none), ("evaluation pass (scored half)", scored)):
