@@ -132,10 +132,11 @@ def transformers_perplexity(model_dir, tokens, window, min_context):
 def test_build_evaluate_sample_and_the_lm_perplexity_is_transformers_own(hf, family):
     root, data, dirs = hf
     ds = root / f"ds-{family}"
-    run("build_datastore.py", "--data", data, "--checkpoint", dirs[family], "--out", ds, cwd=root)
+    # float32, as transformers computes below (--precision auto is bfloat16 on a CPU with native bfloat16)
+    run("build_datastore.py", "--data", data, "--checkpoint", dirs[family], "--out", ds, "--precision", "float32", cwd=root)
     assert json.loads((ds / "meta.json").read_text())["key_type"] == "ffn_in_ln"
     result = run("evaluate.py", "--data", data, "--checkpoint", dirs[family], "--datastore", ds, "--k", 16,
-                 "--lambda", 0, "--results", root / f"{family}.json", cwd=root)
+                 "--lambda", 0, "--precision", "float32", "--results", root / f"{family}.json", cwd=root)
     numbers = json.loads((root / f"{family}.json").read_text())
     assert numbers["knnlm_ppl"] == numbers["lm_ppl"], result.stdout  # λ = 0 is the LM, exactly
     model, vocab, _ = huggingface.load(dirs[family])
@@ -155,14 +156,17 @@ def test_the_project_model_exported_gives_the_same_numbers_and_keys(work):
     for split in knnlm.SPLITS:  # the exported word-level tokenizer reads WikiText as the project does
         path = knnlm.split_path(data, split)
         assert torch.equal(vocab.encode_file(path), native_vocab.encode_file(path))
-    run("build_datastore.py", "--data", data, "--checkpoint", root / "model-hf", "--out", root / "ds-hf", cwd=root)
-    ours, theirs = (np.load(root / d / "keys.npy").astype(np.float32) for d in ("runs/datastore", "ds-hf"))
+    # both in float32: bfloat16 (--precision auto on a CPU with native bfloat16) rounds where each model computes
+    for checkpoint, ds in (("runs/model.pt", "ds-native"), ("model-hf", "ds-hf")):
+        run("build_datastore.py", "--data", data, "--checkpoint", root / checkpoint, "--out", root / ds,
+            "--precision", "float32", cwd=root)
+    ours, theirs = (np.load(root / d / "keys.npy").astype(np.float32) for d in ("ds-native", "ds-hf"))
     np.testing.assert_allclose(theirs, ours, rtol=2e-3, atol=2e-3)  # float16 keys: a rounding apart at most
-    assert np.array_equal(np.load(root / "runs/datastore/vals.npy"), np.load(root / "ds-hf/vals.npy"))
+    assert np.array_equal(np.load(root / "ds-native/vals.npy"), np.load(root / "ds-hf/vals.npy"))
     numbers = {}
-    for name, checkpoint, ds in [("native", "runs/model.pt", "runs/datastore"), ("hf", "model-hf", "ds-hf")]:
+    for name, checkpoint, ds in [("native", "runs/model.pt", "ds-native"), ("hf", "model-hf", "ds-hf")]:
         run("evaluate.py", "--data", data, "--checkpoint", checkpoint, "--datastore", ds, "--k", 8,
-            "--results", f"{name}.json", cwd=root)
+            "--precision", "float32", "--results", f"{name}.json", cwd=root)
         numbers[name] = json.loads((root / f"{name}.json").read_text())
     for kind in ("lm_ppl", "knnlm_ppl"):
         for split in ("valid", "test"):
