@@ -20,8 +20,9 @@ if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 data=${1:-data/wikitext-103-small}
 name=$(basename "$data")$([ "$quick" = 1 ] && echo -quick || true)
 times=()
-mkl_avx2() {  # MKL multiplies torch's float32 matrices with its AVX2 kernels only on a CPU it takes for Intel's:
-    # on an AMD CPU with AVX2, knnlm_mkl_avx2 (csrc/mkl_avx2.cpp) loaded first makes it (docs/speed.md). Not with KNNLM_MKL_AVX2=0
+mkl_avx2() {  # MKL multiplies torch's float32 matrices with its AVX2 (AVX-512) kernels only on a CPU it takes for
+    # Intel's: on an AMD CPU with AVX2, knnlm_mkl_avx2 (csrc/mkl_avx2.cpp) loaded first makes it (docs/speed.md).
+    # Not with KNNLM_MKL_AVX2=0
     local library
     library=$([ "${KNNLM_MKL_AVX2:-1}" = 0 ] || python -c "from knnlm_tools import cpu; print(cpu.mkl_avx2_library() or '')")
     if [ -n "$library" ]; then export LD_PRELOAD="$library${LD_PRELOAD:+:$LD_PRELOAD}"; fi

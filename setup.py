@@ -4,7 +4,8 @@
 
 Importing knnlm_ext registers the ops torch.ops.knnlm.topk_l2 and torch.ops.knnlm.rerank_l2.
 Beside it, knnlm_mkl_avx2 (csrc/mkl_avx2.cpp), a library that is never imported: run.sh loads
-it first on an AMD CPU with AVX2 (LD_PRELOAD), and MKL then runs its AVX2 kernels there.
+it first on an AMD CPU with AVX2 (LD_PRELOAD), and MKL then runs its AVX2 kernels there (its
+AVX-512 ones where the CPU has AVX-512).
 
 The CUDA kernel is built too when torch is a CUDA build and a CUDA toolkit is found;
 KNNLM_CUDA=1 forces it, KNNLM_CUDA=0 skips it.

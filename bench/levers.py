@@ -16,6 +16,9 @@ it replaces, on this project's model and WikiText-103-small:
    final LayerNorm at every position vs only where a logit is asked for (none for the datastore).
 7. the optimizer: a training step of the main model, and its update alone, with AdamW one op at a
    time vs fused into one kernel.
+8. the search's threads: the quick run's exact search in PyTorch (512 queries among 501,310 keys
+   of width 128), alone and beside one busy process, on 1 thread (cpu.Threads()'s choice beside it,
+   as the scripts searched before cpu.every_core) and on every core (cpu.every_core, now).
 
     bash run.sh ../shared/data/wikitext-103-small   # the model, the datastore and its index
     python -m bench.levers --data ../shared/data/wikitext-103-small
@@ -64,7 +67,9 @@ def interleaved(fns, repeats):
 
 def search_lever(model, datastore, tokens, results, batch=1024):
     lmbda, temperature, min_context = results["lambda"], results["temperature"], results["min_context"]
-    cache = knnlm.score_split(model, tokens, min_context=min_context, keep_queries=True, desc="LM pass")
+    precision = results.get("precision", {}).get("evaluation", "float32")  # as the results file's evaluation ran
+    with cpu.autocast(precision, "cpu"):
+        cache = knnlm.score_split(model, tokens, min_context=min_context, keep_queries=True, desc="LM pass")
     rows = {}
     exact = "ext" if search.kernel_built() else "torch"
     for name, backend in (("exact", exact), ("IVF-PQ + recompute", "faiss")):
@@ -81,7 +86,8 @@ def search_lever(model, datastore, tokens, results, batch=1024):
                       "queries_per_second": round(len(cache["queries"]) / seconds)}
         print(name, rows[name], flush=True)
     exact, approx = rows["exact"], rows["IVF-PQ + recompute"]
-    return {"tokens": len(cache["targets"]), "lm_ppl": knnlm.perplexity(cache["log_p_lm"]), "lambda": lmbda,
+    return {"tokens": len(cache["targets"]), "lm_ppl": knnlm.perplexity(cache["log_p_lm"]), "precision": precision,
+            "lambda": lmbda,
             "temperature": temperature, "index": datastore.index.meta["factory"], "nprobe": datastore.index.nprobe,
             "rows": rows, "ppl_change_percent": 100 * (approx["test_ppl"] / exact["test_ppl"] - 1),
             "speedup": exact["search_seconds"] / approx["search_seconds"]}
@@ -138,10 +144,10 @@ def memory_child(args):
     model = knnlm.TransformerLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randint(cfg.vocab_size, (2, 8, cfg.block_size))
-    training_step(model, x, y, optimizer)
+    training_step(model, x, y, optimizer, args.precision)
     faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     for _ in range(args.steps):
-        training_step(model, x, y, optimizer)
+        training_step(model, x, y, optimizer, args.precision)
     print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / args.steps,
                       "page_faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps}))
 
@@ -284,12 +290,47 @@ def fused_adamw_lever(cfg, tokens, repeats, windows=8):
 
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# 8. The search's threads beside a busy neighbour
+
+def search_threads_lever(repeats, n=501_310, d=128, queries=512):
+    """Seconds per search (knnlm.topk_l2, the quick run's exact search in PyTorch, k = 1024) of random
+    float16 keys as many and as wide as the quick run's datastore, alone and beside a busy process, on
+    1 thread and on every core, in turn; with the threads cpu.Threads() chooses for the model there."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(n, d, generator=g).half()
+    norms = knnlm.squared_norms(keys)
+    q = keys[torch.randint(n, (queries,), generator=g)].float() + 0.1 * torch.randn(queries, d, generator=g)
+    most, rows = cpu.most_threads(), {}
+    policies = {"1 thread": 1, f"{most} threads (every core)": most}
+    for busy in (False, True):
+        with neighbour(busy):
+            cpu.Threads()  # sets torch's threads as the scripts' model runs on them
+            model_threads = torch.get_num_threads()
+            times = {name: [] for name in policies}
+            for _ in range(repeats + 1):  # the first round a warm-up
+                for name, threads in policies.items():
+                    torch.set_num_threads(threads)
+                    start = time.perf_counter()
+                    knnlm.topk_l2(q, keys, K, norms)
+                    times[name].append(time.perf_counter() - start)
+            for name, t in times.items():
+                t, row = sorted(t[1:]), f"{'beside a busy process' if busy else 'alone'}, {name}"
+                rows[row] = {"best": t[0], "median": t[len(t) // 2], "model_threads": model_threads}
+                print(row, rows[row], flush=True)
+    torch.set_num_threads(most)
+    alone = rows[f"alone, {most} threads (every core)"]["median"]
+    for row in rows.values():
+        row["vs_alone"] = round(row["median"] / alone, 2)
+    return {"rows": rows, "queries": queries, "keys": n, "width": d, "repeats": repeats}
+
+
 def markdown(r):
     lines = [f"`{r['command']}` on {r['machine']}, {r['date']}."]
     if "search" in r:
         s = r["search"]
         lines += ["", f"1. Search, WikiText-103-small test ({s['tokens']:,} tokens, k = {K}, λ = {s['lambda']}, "
-                      f"T = {s['temperature']}; LM {s['lm_ppl']:.2f}):", "",
+                      f"T = {s['temperature']}; LM {s['lm_ppl']:.2f}, its pass in {s.get('precision', 'float32')}):", "",
                   "| search | test ppl | search s | queries/s |", "|---|---|---|---|"]
         lines += [f"| {name} ({row['backend']}) | {row['test_ppl']:.3f} | {row['search_seconds']} | "
                   f"{row['queries_per_second']:,} |" for name, row in s["rows"].items()]
@@ -336,6 +377,15 @@ def markdown(r):
                   "| | one op at a time s | fused s | speedup |", "|---|---|---|---|"]
         lines += [f"| {name} | {a[name]['AdamW, one op at a time']:.4f} | {a[name]['AdamW, fused']:.4f} | "
                   f"{a[name]['speedup']:.2f}x |" for name in ("training step", "update")]
+    if "search threads" in r:
+        t = r["search threads"]
+        lines += ["", f"8. The search's threads: the quick run's exact search in PyTorch ({t['queries']} queries among "
+                      f"{t['keys']:,} random keys of width {t['width']}, k = {K}; {t['repeats']} rounds, in turn), "
+                      "alone and beside one busy process, against every core alone:", "",
+                  "| neighbour, threads | cpu.Threads() for the model | s/search, best | median | vs alone |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['model_threads']} | {row['best']:.3f} | {row['median']:.3f} | {row['vs_alone']:.2f}x |"
+                  for name, row in t["rows"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -348,17 +398,18 @@ def main():
     parser.add_argument("--search-tokens", type=int, default=None, help="lever 1 on the first N test tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="training steps per thread policy")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 8), metavar="N",
-                        help="run only these levers (1 to 7; default: all)")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 9), metavar="N",
+                        help="run only these levers (1 to 8; default: all)")
     parser.add_argument("--out", default=None, help="results file name under bench/results/ (default: levers, "
                                                     "with --only levers-N-M)")
     parser.add_argument("--phase", choices=["memory"], help=argparse.SUPPRESS)
     parser.add_argument("--kept", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--vocab-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=cpu.PRECISIONS[1:], default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         return memory_child(args)
-    only = set(args.only or range(1, 8))
+    only = set(args.only or range(1, 9))
     out = args.out or ("levers" if args.only is None else "levers-" + "-".join(map(str, sorted(only))))
     torch.manual_seed(0)
     model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint)
@@ -378,6 +429,7 @@ def main():
             train, args.steps)),
         "last block": (6, lambda: last_block_lever(model, train, args.repeats)),
         "fused AdamW": (7, lambda: fused_adamw_lever(model.cfg, train, args.repeats)),
+        "search threads": (8, lambda: search_threads_lever(2 * args.repeats + 1)),
         "search": (1, lambda: search_lever(model, *searched)),
     }
     for name, (number, measure) in levers.items():

@@ -4,14 +4,15 @@ Intel's MKL, which picks its AVX2 kernels only where it believes the CPU is Inte
 AMD CPU runs a generic path (MKL_VERBOSE names it). knnlm_mkl_avx2 (csrc/mkl_avx2.cpp, built by
 `pip install --no-build-isolation -e .`) defines MKL's own `mkl_serv_intel_cpu_true` (and
 `mkl_serv_intel_cpu`) to return 1; loaded first (LD_PRELOAD, as run.sh does on an AMD CPU with
-AVX2) it makes MKL take the AVX2 path, the one it runs on an Intel CPU with AVX2. This measures
+AVX2) it makes MKL take the path it runs on an Intel CPU with the same instructions: AVX2, or
+AVX-512 on a CPU that has it. This measures
 what that path gives a training step of the main model, each setting in a process of its own,
 in turn (A B A B; the step and its process are bench.levers' lever 3, freed memory kept), and which
 path MKL says it took.
 
-    python -m bench.mkl_path
+    python -m bench.mkl_path [--out mkl_path-avx512]
 
-Writes bench/results/mkl_path.json and mkl_path.md. The other path computes other last bits: the
+Writes bench/results/mkl_path.json and mkl_path.md (or --out's name). The other path computes other last bits: the
 same recipe trains another model.
 """
 import argparse
@@ -41,31 +42,36 @@ def main():
     parser.add_argument("--pairs", type=int, default=4, help="processes of each setting, in turn")
     parser.add_argument("--steps", type=int, default=6, help="training steps timed per process")
     parser.add_argument("--vocab-size", type=int, default=13759, help="the main model's on WikiText-103-small")
+    parser.add_argument("--precision", choices=cpu.PRECISIONS[1:], default="float32",
+                        help="of the training step (bfloat16: autocast, as train.py on a CPU with native bfloat16)")
+    parser.add_argument("--out", default="mkl_path", help="results file name under bench/results/")
     args = parser.parse_args()
     spec = importlib.util.find_spec(cpu.MKL_AVX2)
     if spec is None:
         parser.error(f"{cpu.MKL_AVX2} is not built: pip install --no-build-isolation -e .")
-    envs = {"MKL's choice": dict(os.environ), "AVX2 path (LD_PRELOAD)": {**os.environ, "LD_PRELOAD": spec.origin}}
+    intel = "Intel's path (LD_PRELOAD)"
+    envs = {"MKL's choice": dict(os.environ), intel: {**os.environ, "LD_PRELOAD": spec.origin}}
     paths = {name: mkl_path(env) for name, env in envs.items()}
     runs = {name: [] for name in envs}
     for _ in range(args.pairs):
         for name, env in envs.items():
             out = subprocess.run([sys.executable, "-m", "bench.levers", "--phase", "memory", "--kept", "1",  # its step
-                                  "--steps", str(args.steps), "--vocab-size", str(args.vocab_size)], env=env,
+                                  "--steps", str(args.steps), "--vocab-size", str(args.vocab_size),
+                                  "--precision", args.precision], env=env,
                                  capture_output=True, text=True, check=True, cwd=os.path.dirname(HERE))
             runs[name].append(json.loads(out.stdout.splitlines()[-1])["seconds_per_step"])
             print(name, f"{runs[name][-1]:.3f} s/step", flush=True)
     best = {name: min(r) for name, r in runs.items()}
     record = {"command": " ".join(["python -m bench.mkl_path", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
-              "machine": cpu.describe(), "mkl_path": paths, "seconds_per_step": runs, "best": best,
-              "speedup": best["MKL's choice"] / best["AVX2 path (LD_PRELOAD)"]}
+              "machine": cpu.describe(), "precision": args.precision, "mkl_path": paths, "seconds_per_step": runs, "best": best,
+              "speedup": best["MKL's choice"] / best[intel]}
     lines = [f"`{record['command']}` on {record['machine']}, {record['date']}.", "",
-             f"A training step of the main model (8 windows of 256), best of {args.pairs} processes each, in turn:", "",
+             f"A training step of the main model (8 windows of 256, {args.precision}), best of {args.pairs} processes each, in turn:", "",
              "| setting | MKL's path | s/step (each process) | best |", "|---|---|---|---|"]
     lines += [f"| {name} | {paths[name]} | {', '.join(f'{s:.3f}' for s in runs[name])} | {best[name]:.3f} |"
               for name in envs]
-    lines += ["", f"The AVX2 path: {record['speedup']:.2f}x."]
-    write_results("mkl_path", record, "\n".join(lines) + "\n")
+    lines += ["", f"Intel's path ({paths[intel]}): {record['speedup']:.2f}x."]
+    write_results(args.out, record, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,22 +6,24 @@ Threads: torch runs one thread per core, and its threads wait for each other at 
 operation, so a single busy process beside it on a 2-core machine slows it 2-3x. Threads()
 watches how much of the machine other processes use (the CPU time /proc/stat counts on
 our CPUs, less this process's own) and runs on what is left, looking again every few
-seconds: a busy neighbour that comes or goes is followed. OMP_NUM_THREADS, when set,
-is obeyed instead.
+seconds: a busy neighbour that comes or goes is followed. A search is coarser work, whose
+threads seldom wait: every_core() runs it on every core even beside a busy process.
+OMP_NUM_THREADS, when set, is obeyed instead.
 
 bfloat16: autocast to bfloat16 is 1.5-2.3x faster where the CPU has the instructions
 (AVX512-BF16 or AMX) and far slower where oneDNN has to emulate them (AVX2), so "auto"
 asks torch's own CPU feature detection (cpuinfo) at run time.
 
-MKL: torch's float32 matrix products run in Intel's MKL, which takes its AVX2 kernels only on
-a CPU it believes is Intel's. On an AMD CPU with AVX2, run.sh loads knnlm_mkl_avx2 first
-(csrc/mkl_avx2.cpp), and mkl_path() says which path a process runs.
+MKL: torch's float32 matrix products run in Intel's MKL, which takes its AVX2 and AVX-512 kernels
+only on a CPU it believes is Intel's. On an AMD CPU with AVX2, run.sh loads knnlm_mkl_avx2 first
+(csrc/mkl_avx2.cpp): MKL then takes the kernels it takes on an Intel CPU with the same
+instructions, AVX2, or AVX-512 where the CPU has it. mkl_path() says which path a process runs.
 """
 import ctypes
 import importlib.util
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -87,7 +89,7 @@ def autocast(precision, device):
 
 
 # -----------------------------------------------------------------------------
-# MKL's AVX2 path on an AMD CPU
+# MKL's Intel path on an AMD CPU: AVX2, or AVX-512 where the CPU has it
 
 MKL_AVX2 = "knnlm_mkl_avx2"  # built by setup.py from csrc/mkl_avx2.cpp
 
@@ -101,9 +103,13 @@ def mkl_avx2_library():
     return spec.origin if spec is not None else None
 
 
+AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what MKL's AVX-512 kernels ask of a CPU
+
+
 def mkl_path():
     """Which kernels MKL multiplies with in this process: "AVX2 (knnlm_mkl_avx2)" when that library is
-    loaded, else "its own choice"; None when torch has no MKL."""
+    loaded ("AVX-512 (knnlm_mkl_avx2)" on a CPU with AVX-512), else "its own choice"; None when torch
+    has no MKL."""
     if not torch.backends.mkl.is_available():
         return None
     try:
@@ -111,7 +117,9 @@ def mkl_path():
             forced = any(MKL_AVX2 in line for line in f)
     except OSError:
         forced = False
-    return f"AVX2 ({MKL_AVX2})" if forced else "its own choice"
+    if not forced:
+        return "its own choice"
+    return f"{'AVX-512' if AVX512 <= cpu_flags() else 'AVX2'} ({MKL_AVX2})"
 
 
 # -----------------------------------------------------------------------------
@@ -132,6 +140,16 @@ def busy_seconds(cpus):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def usable_cpus():
+    """The CPUs this process may run on (its affinity); empty where the OS does not say."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+
+
+def most_threads():
+    """One thread per CPU this process may run on, at most torch's own choice."""
+    return min(MOST_THREADS, len(usable_cpus()) or MOST_THREADS)
+
+
 def threads_left(cpus, others):
     """The threads to run on `cpus` CPUs when other processes keep `others` of them busy: at least one."""
     return max(1, cpus - round(others))
@@ -142,8 +160,8 @@ class Threads:
     every `every` seconds by check() (Threads.follow(model) calls it before every forward pass)."""
 
     def __init__(self, every=5.0, first_look=0.25):
-        self.cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
-        self.most = min(MOST_THREADS, len(self.cpus) or MOST_THREADS)
+        self.cpus = usable_cpus()
+        self.most = most_threads()
         self.every, self.others, self.last = every, 0.0, self.sample()
         self.fixed = "OMP_NUM_THREADS" in os.environ or self.last[1] is None
         if not self.fixed:
@@ -172,6 +190,23 @@ class Threads:
         if self.fixed:
             return f"{torch.get_num_threads()} threads"
         return f"{torch.get_num_threads()} threads (of {self.most}; other processes busy on {self.others:.1f} CPUs)"
+
+
+@contextmanager
+def every_core():
+    """torch's threads on every CPU this process may use, for the while: a search's big products and
+    selections come in coarse pieces, whose threads seldom wait for each other, so that beside a busy
+    process two threads still search faster than one (bench.levers' lever 8), where a training step's
+    small operations are slower. OMP_NUM_THREADS, when set, is obeyed instead."""
+    before, most = torch.get_num_threads(), most_threads()
+    if "OMP_NUM_THREADS" in os.environ or before == most:
+        yield
+        return
+    torch.set_num_threads(most)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from knnlm import KnnlmError
 from knnlm_tools.files import (check_disk_space, check_same, read_json,
                                release_pages, write_json, writer_pid, writing)
 from knnlm_tools import huggingface
-from knnlm_tools.cpu import autocast
+from knnlm_tools.cpu import autocast, every_core
 from knnlm_tools.checkpoints import fingerprint, vocab_fingerprint
 from knnlm_tools.manifests import Manifest, WRITTEN_BEFORE, check_files
 from knnlm_tools.search import kernel_topk_l2, search_backend
@@ -222,12 +222,14 @@ class DiskDatastore(knnlm.Datastore):
         return self.backend
 
     def search(self, queries, k):
-        """queries [B, d] -> (squared distances [B, k] ascending, ids [B, k]), as use() decided."""
-        if self.backend == "faiss":
-            return self.index.search(queries, k)
-        if self.backend == "ext":
-            return kernel_topk_l2(queries, self.keys, k, self.key_norms)
-        return super().search(queries, k)
+        """queries [B, d] -> (squared distances [B, k] ascending, ids [B, k]), as use() decided, on every
+        core even beside a busy process (cpu.every_core)."""
+        with every_core():
+            if self.backend == "faiss":
+                return self.index.search(queries, k)
+            if self.backend == "ext":
+                return kernel_topk_l2(queries, self.keys, k, self.key_norms)
+            return super().search(queries, k)
 
 
 def measured_with(model_fingerprint, datastore, k, lmbda, temperature, min_context, max_tokens=None,

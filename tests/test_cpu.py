@@ -11,7 +11,7 @@ import torch
 
 import knnlm
 from knnlm_tools import checkpoints, cpu
-from helpers import run, tiny_model, untrained_work, write_corpus
+from helpers import clustered_keys, run, tiny_model, untrained_work, write_corpus, write_datastore
 
 
 def test_threads_left_keeps_at_least_one():
@@ -62,6 +62,28 @@ def test_threads_look_again_before_a_forward_pass(monkeypatch):
         time.sleep(0.01)
         model(torch.zeros(1, 4, dtype=torch.long))
         assert threads.fixed or threads.last[0] > looked
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_search_runs_on_every_core_and_the_model_keeps_its_threads(monkeypatch, tmp_path):
+    """Beside a busy process cpu.Threads() leaves the model one thread; a search's coarse work still takes
+    every core (cpu.every_core), and the model's count is back after it. OMP_NUM_THREADS is obeyed instead."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    datastore = write_datastore(tmp_path / "store", clustered_keys(300, 8))
+    datastore.use("torch", k=4)
+    seen, search = [], knnlm.Datastore.search
+    monkeypatch.setattr(knnlm.Datastore, "search", lambda self, q, k: seen.append(torch.get_num_threads()) or search(self, q, k))
+    queries = torch.from_numpy(clustered_keys(5, 8, seed=1)).float()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as cpu.Threads() sets it beside a busy process
+        dists, ids = datastore.search(queries, 4)
+        assert seen == [cpu.most_threads()] and torch.get_num_threads() == 1
+        assert torch.allclose(dists, knnlm.topk_l2(queries, datastore.keys, 4)[0], rtol=1e-5)  # the same search
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        datastore.search(queries, 4)
+        assert seen[-1] == 1
     finally:
         torch.set_num_threads(before)
 
@@ -118,9 +140,10 @@ def test_training_records_its_precision_and_resumes_only_in_it(tmp_path):
     assert out.returncode == 2 and "--precision" in out.stderr
 
 
-def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_avx2_path():
-    """run.sh on an AMD CPU with AVX2: MKL then says it runs its AVX2 kernels, mkl_path() says so too (the
-    checkpoint and the results record it), and a float32 product is still float32's rounding of float64's."""
+def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_intel_path():
+    """run.sh on an AMD CPU with AVX2: MKL then says it runs the kernels it runs on an Intel CPU with these
+    instructions (AVX2, or AVX-512 where the CPU has it), mkl_path() says the same (the checkpoint and the
+    results record it), and a float32 product is still float32's rounding of float64's."""
     library = cpu.mkl_avx2_library()
     if library is None:
         pytest.skip("not an AMD CPU with AVX2 and MKL, or knnlm_mkl_avx2 not built (pip install -e .)")
@@ -129,10 +152,13 @@ def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_avx2_path():
             "error = (a @ b).double() - a.double() @ b.double(); "  # within float32's bound for 256-term sums
             "assert (error.abs() <= 256 * 2 ** -24 * (a.abs() @ b.abs()).double()).all(); print(cpu.mkl_path())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for preload, path in ((library, "AVX2 (knnlm_mkl_avx2)"), ("", "its own choice")):
+    banners = {"AVX2 (knnlm_mkl_avx2)": "(Intel(R) AVX2) enabled processors", "AVX-512 (knnlm_mkl_avx2)": "(Intel(R) AVX-512)"}
+    for preload in (library, ""):
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": preload, "MKL_VERBOSE": "1"},
                              capture_output=True, text=True, check=True, cwd=root)
         lines = out.stdout.splitlines()
-        assert lines[-1] == path
+        path = lines[-1]
+        assert path in banners if preload else path == "its own choice"
         banner = next(line for line in lines if line.startswith("MKL_VERBOSE oneMKL"))
-        assert ("(Intel(R) AVX2) enabled processors" in banner) == bool(preload), banner
+        for label, named in banners.items():  # MKL names the path mkl_path() names, and no other
+            assert (named in banner) == (path == label), banner
