@@ -18,7 +18,8 @@ it replaces, on this project's model and WikiText-103-small:
    time vs fused into one kernel.
 8. the search's threads: exact search in PyTorch, as the quick run's (512 of lever 1's datastore's
    keys among all of them), alone and beside one busy process, on 1 thread (cpu.Threads()'s choice
-   beside it, as the scripts searched before cpu.every_core) and on every core (cpu.every_core, now).
+   beside it, as the scripts searched before cpu.every_core), on every core (cpu.every_core, now) and
+   on twice as many threads as cores (not taken: a larger share of the CPUs, taken from the neighbour).
 
     bash run.sh ../shared/data/wikitext-103-small   # the model, the datastore and its index
     python -m bench.levers --data ../shared/data/wikitext-103-small
@@ -296,14 +297,16 @@ def fused_adamw_lever(cfg, tokens, repeats, windows=8):
 def search_threads_lever(datastore, repeats, queries=512):
     """Seconds per exact search in PyTorch (knnlm.topk_l2, as the quick run searches without the kernel, k = 1024)
     of some of the datastore's own keys among all of them, alone and beside a busy process, on 1 thread and on
-    every core, in turn; with the threads cpu.Threads() chooses for the model there. Not random keys: with them two
+    every core, and on twice as many threads as cores, in turn; with the threads cpu.Threads() chooses for the
+    model there. Not random keys: with them two
     threads measured no faster beside the busy process, where with real keys they were; the selection's work
     depends on the keys."""
     g = torch.Generator().manual_seed(0)
     keys, norms = datastore.keys.clone(), datastore.key_norms  # in memory: no page faults in the timing
     q = keys[torch.randint(len(keys), (queries,), generator=g)].float()
     most, rows = cpu.most_threads(), {}
-    policies = {"1 thread": 1, f"{most} threads (every core)": most}
+    policies = {"1 thread": 1, f"{most} threads (every core)": most,
+                f"{2 * most} threads (twice the cores, not taken)": 2 * most}
     for busy in (False, True):
         with neighbour(busy):
             cpu.Threads()  # sets torch's threads as the scripts' model runs on them
