@@ -50,17 +50,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 K = 1024
 
 
-def interleaved(fns, repeats):
-    """{name: best seconds of `repeats`}, the functions run in turn (A B A B ...) after one warm-up each."""
+def timed_in_turn(fns, repeats):
+    """{name: the seconds of each of `repeats` runs}, the functions run in turn (A B A B ...) after one warm-up each."""
     for fn in fns.values():
         fn()
-    best = {name: float("inf") for name in fns}
+    seconds = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def interleaved(fns, repeats):
+    """{name: best seconds of `repeats`}, the functions run in turn (A B A B ...) after one warm-up each."""
+    return {name: min(runs) for name, runs in timed_in_turn(fns, repeats).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -88,8 +93,8 @@ def search_lever(model, datastore, tokens, results, batch=1024):
         print(name, rows[name], flush=True)
     exact, approx = rows["exact"], rows["IVF-PQ + recompute"]
     return {"tokens": len(cache["targets"]), "lm_ppl": knnlm.perplexity(cache["log_p_lm"]), "precision": precision,
-            "lambda": lmbda,
-            "temperature": temperature, "index": datastore.index.meta["factory"], "nprobe": datastore.index.nprobe,
+            "lambda": lmbda, "temperature": temperature, "index": datastore.index.meta["factory"],
+            "nprobe": datastore.index.nprobe,
             "rows": rows, "ppl_change_percent": 100 * (approx["test_ppl"] / exact["test_ppl"] - 1),
             "speedup": exact["search_seconds"] / approx["search_seconds"]}
 
@@ -290,17 +295,14 @@ def fused_adamw_lever(cfg, tokens, repeats, windows=8):
 
 
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
 # 8. The search's threads beside a busy neighbour
 
 def search_threads_lever(datastore, repeats, queries=512):
-    """Seconds per exact search in PyTorch (knnlm.topk_l2, as the quick run searches without the kernel, k = 1024)
-    of some of the datastore's own keys among all of them, alone and beside a busy process, on 1 thread and on
-    every core, and on twice as many threads as cores, in turn; with the threads cpu.Threads() chooses for the
-    model there. Not random keys: with them two
-    threads measured no faster beside the busy process, where with real keys they were; the selection's work
-    depends on the keys."""
+    """Seconds per exact search in PyTorch (knnlm.topk_l2, as the quick run searches without the kernel,
+    k = 1024) of some of the datastore's own keys among all of them, alone and beside a busy process, on 1
+    thread, on every core and on twice as many threads as cores, in turn; with the threads cpu.Threads()
+    chooses for the model there. Not random keys: with them two threads measured no faster beside the busy
+    process, where with real keys they were; the selection's work depends on the keys."""
     g = torch.Generator().manual_seed(0)
     keys, norms = datastore.keys.clone(), datastore.key_norms  # in memory: no page faults in the timing
     q = keys[torch.randint(len(keys), (queries,), generator=g)].float()
@@ -311,15 +313,10 @@ def search_threads_lever(datastore, repeats, queries=512):
         with neighbour(busy):
             cpu.Threads()  # sets torch's threads as the scripts' model runs on them
             model_threads = torch.get_num_threads()
-            times = {name: [] for name in policies}
-            for _ in range(repeats + 1):  # the first round a warm-up
-                for name, threads in policies.items():
-                    torch.set_num_threads(threads)
-                    start = time.perf_counter()
-                    knnlm.topk_l2(q, keys, K, norms)
-                    times[name].append(time.perf_counter() - start)
+            times = timed_in_turn({name: lambda threads=threads: search_on(threads, q, keys, norms)
+                                   for name, threads in policies.items()}, repeats)
             for name, t in times.items():
-                t, row = sorted(t[1:]), f"{'beside a busy process' if busy else 'alone'}, {name}"
+                t, row = sorted(t), f"{'beside a busy process' if busy else 'alone'}, {name}"
                 rows[row] = {"best": t[0], "median": t[len(t) // 2], "model_threads": model_threads}
                 print(row, rows[row], flush=True)
     torch.set_num_threads(most)
@@ -329,12 +326,18 @@ def search_threads_lever(datastore, repeats, queries=512):
     return {"rows": rows, "queries": queries, "keys": len(keys), "width": keys.shape[1], "repeats": repeats}
 
 
+def search_on(threads, queries, keys, norms):
+    torch.set_num_threads(threads)
+    knnlm.topk_l2(queries, keys, K, norms)
+
+
 def markdown(r):
     lines = [f"`{r['command']}` on {r['machine']}, {r['date']}."]
     if "search" in r:
         s = r["search"]
         lines += ["", f"1. Search, WikiText-103-small test ({s['tokens']:,} tokens, k = {K}, λ = {s['lambda']}, "
-                      f"T = {s['temperature']}; LM {s['lm_ppl']:.2f}, its pass in {s.get('precision', 'float32')}):", "",
+                      f"T = {s['temperature']}; LM {s['lm_ppl']:.2f}, its pass in {s.get('precision', 'float32')}):",
+                  "",
                   "| search | test ppl | search s | queries/s |", "|---|---|---|---|"]
         lines += [f"| {name} ({row['backend']}) | {row['test_ppl']:.3f} | {row['search_seconds']} | "
                   f"{row['queries_per_second']:,} |" for name, row in s["rows"].items()]
@@ -384,12 +387,12 @@ def markdown(r):
     if "search threads" in r:
         t = r["search threads"]
         lines += ["", f"8. The search's threads: exact search in PyTorch, as the quick run's ({t['queries']} of the "
-                      f"datastore's keys among its {t['keys']:,} of width {t['width']}, k = {K}; {t['repeats']} rounds, in turn), "
-                      "alone and beside one busy process, against every core alone:", "",
+                      f"datastore's keys among its {t['keys']:,} of width {t['width']}, k = {K}; {t['repeats']} "
+                      "rounds, in turn), alone and beside one busy process, against every core alone:", "",
                   "| neighbour, threads | cpu.Threads() for the model | s/search, best | median | vs alone |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {name} | {row['model_threads']} | {row['best']:.3f} | {row['median']:.3f} | {row['vs_alone']:.2f}x |"
-                  for name, row in t["rows"].items()]
+        lines += [f"| {name} | {row['model_threads']} | {row['best']:.3f} | {row['median']:.3f} | "
+                  f"{row['vs_alone']:.2f}x |" for name, row in t["rows"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -12,8 +12,8 @@ path MKL says it took.
 
     python -m bench.mkl_path [--out mkl_path-avx512]
 
-Writes bench/results/mkl_path.json and mkl_path.md (or --out's name). The other path computes other last bits: the
-same recipe trains another model.
+Writes bench/results/mkl_path.json and mkl_path.md (or --out's name). The other path computes other
+last bits: the same recipe trains another model.
 """
 import argparse
 import importlib.util
@@ -63,10 +63,11 @@ def main():
             print(name, f"{runs[name][-1]:.3f} s/step", flush=True)
     best = {name: min(r) for name, r in runs.items()}
     record = {"command": " ".join(["python -m bench.mkl_path", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
-              "machine": cpu.describe(), "precision": args.precision, "mkl_path": paths, "seconds_per_step": runs, "best": best,
-              "speedup": best["MKL's choice"] / best[intel]}
+              "machine": cpu.describe(), "precision": args.precision, "mkl_path": paths, "seconds_per_step": runs,
+              "best": best, "speedup": best["MKL's choice"] / best[intel]}
     lines = [f"`{record['command']}` on {record['machine']}, {record['date']}.", "",
-             f"A training step of the main model (8 windows of 256, {args.precision}), best of {args.pairs} processes each, in turn:", "",
+             f"A training step of the main model (8 windows of 256, {args.precision}), best of {args.pairs} processes "
+             "each, in turn:", "",
              "| setting | MKL's path | s/step (each process) | best |", "|---|---|---|---|"]
     lines += [f"| {name} | {paths[name]} | {', '.join(f'{s:.3f}' for s in runs[name])} | {best[name]:.3f} |"
               for name in envs]

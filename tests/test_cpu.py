@@ -73,7 +73,8 @@ def test_the_search_runs_on_every_core_and_the_model_keeps_its_threads(monkeypat
     datastore = write_datastore(tmp_path / "store", clustered_keys(300, 8))
     datastore.use("torch", k=4)
     seen, search = [], knnlm.Datastore.search
-    monkeypatch.setattr(knnlm.Datastore, "search", lambda self, q, k: seen.append(torch.get_num_threads()) or search(self, q, k))
+    monkeypatch.setattr(knnlm.Datastore, "search",
+                        lambda self, q, k: seen.append(torch.get_num_threads()) or search(self, q, k))
     queries = torch.from_numpy(clustered_keys(5, 8, seed=1)).float()
     before = torch.get_num_threads()
     try:
@@ -152,7 +153,8 @@ def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_intel_path():
             "error = (a @ b).double() - a.double() @ b.double(); "  # within float32's bound for 256-term sums
             "assert (error.abs() <= 256 * 2 ** -24 * (a.abs() @ b.abs()).double()).all(); print(cpu.mkl_path())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    banners = {"AVX2 (knnlm_mkl_avx2)": "(Intel(R) AVX2) enabled processors", "AVX-512 (knnlm_mkl_avx2)": "(Intel(R) AVX-512)"}
+    banners = {"AVX2 (knnlm_mkl_avx2)": "(Intel(R) AVX2) enabled processors",
+               "AVX-512 (knnlm_mkl_avx2)": "(Intel(R) AVX-512)"}
     for preload in (library, ""):
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": preload, "MKL_VERBOSE": "1"},
                              capture_output=True, text=True, check=True, cwd=root)

@@ -133,7 +133,8 @@ def test_build_evaluate_sample_and_the_lm_perplexity_is_transformers_own(hf, fam
     root, data, dirs = hf
     ds = root / f"ds-{family}"
     # float32, as transformers computes below (--precision auto is bfloat16 on a CPU with native bfloat16)
-    run("build_datastore.py", "--data", data, "--checkpoint", dirs[family], "--out", ds, "--precision", "float32", cwd=root)
+    run("build_datastore.py", "--data", data, "--checkpoint", dirs[family], "--out", ds, "--precision", "float32",
+        cwd=root)
     assert json.loads((ds / "meta.json").read_text())["key_type"] == "ffn_in_ln"
     result = run("evaluate.py", "--data", data, "--checkpoint", dirs[family], "--datastore", ds, "--k", 16,
                  "--lambda", 0, "--precision", "float32", "--results", root / f"{family}.json", cwd=root)
