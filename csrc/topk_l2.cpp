@@ -228,29 +228,55 @@ std::tuple<at::Tensor, at::Tensor> topk_l2_cpu(at::Tensor queries, at::Tensor ke
 }
 
 #ifdef WITH_CUDA
-// query_block is the CPU kernel's blocking: the GPU one has none.
+void check_cuda(const char* error, const char* what) {
+  TORCH_CHECK(error == nullptr, "the CUDA top-k kernel failed (", what, "): ", error);
+}
+
+// The kernels of topk_l2_cuda.cu around ATen's GEMM (cuBLAS: float16 keys on the tensor cores, float32
+// accumulation and out). query_block is the CPU kernel's blocking: the GPU one has none.
 std::tuple<at::Tensor, at::Tensor> topk_l2_cuda(at::Tensor queries, at::Tensor keys, int64_t k,
                                                 at::Tensor key_norms, int64_t key_chunk, int64_t query_block) {
   check_topk_l2(queries, keys, k, key_norms);
   TORCH_CHECK(k <= TOPK_L2_CUDA_MAX_K, "the CUDA kernel supports k <= ", TOPK_L2_CUDA_MAX_K, ", got ", k);
   const c10::cuda::CUDAGuard guard(queries.device());
-  const int64_t B = queries.size(0), N = keys.size(0), d = keys.size(1);
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t B = queries.size(0), N = keys.size(0), d = keys.size(1), width = topk_l2_cuda_width(k);
+  const bool split = keys.scalar_type() == at::kHalf;  // the tensor cores' float16 GEMM, queries split in two
   queries = queries.contiguous();
   keys = keys.contiguous();
   key_norms = key_norms.contiguous();
   if (key_chunk <= 0) key_chunk = std::max<int64_t>(4096, (1 << 24) / std::max<int64_t>(B, 1));
   key_chunk = std::min(key_chunk, N);
-  const int64_t width = topk_l2_cuda_width(k);
   auto dists = at::empty({B, k}, queries.options());
   auto ids = at::empty({B, k}, queries.options().dtype(at::kLong));
-  auto chunk_dists = at::empty({B, key_chunk}, queries.options());  // scratch, from torch's allocator
+  if (B == 0) return {dists, ids};
+  const int64_t rows = split ? 2 * B : B;
+  at::Tensor q2 = queries, scale;
+  if (split) {
+    q2 = at::empty({rows, d}, queries.options().dtype(at::kHalf));
+    scale = at::empty({B}, queries.options());
+    check_cuda(topk_l2_cuda_split(queries.data_ptr<float>(), B, d, q2.data_ptr(), scale.data_ptr<float>(), stream),
+               "split");
+  }
+  auto ips_buffer = at::empty({rows * key_chunk}, queries.options());  // scratch, from torch's allocator
   auto best_dists = at::empty({B, width}, queries.options());
   auto best_ids = at::empty({B, width}, ids.options());
-  const char* error = topk_l2_cuda_launch(queries.data_ptr<float>(), keys.data_ptr(), keys.scalar_type() == at::kHalf,
-                      key_norms.data_ptr<float>(), B, N, d, k, key_chunk, chunk_dists.data_ptr<float>(),
-                      best_dists.data_ptr<float>(), best_ids.data_ptr<int64_t>(), dists.data_ptr<float>(),
-                      ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(error == nullptr, "the CUDA top-k kernel failed to launch: ", error);
+  check_cuda(topk_l2_cuda_init(best_dists.data_ptr<float>(), best_ids.data_ptr<int64_t>(), B * width, stream), "init");
+  for (int64_t start = 0; start < N; start += key_chunk) {
+    const int64_t n = std::min(key_chunk, N - start);
+    auto ips = ips_buffer.narrow(0, 0, rows * n).view({rows, n});
+    const auto chunk = keys.narrow(0, start, n).t();
+    if (split)
+      at::mm_out(ips, q2, chunk, at::kFloat);  // float16 x float16 -> float32
+    else
+      at::mm_out(ips, q2, chunk);
+    check_cuda(topk_l2_cuda_select(ips.data_ptr<float>(), split ? scale.data_ptr<float>() : nullptr,
+                                   key_norms.data_ptr<float>(), B, n, start, k, best_dists.data_ptr<float>(),
+                                   best_ids.data_ptr<int64_t>(), stream), "select");
+  }
+  check_cuda(topk_l2_cuda_finalize(queries.data_ptr<float>(), B, d, k, best_dists.data_ptr<float>(),
+                                   best_ids.data_ptr<int64_t>(), dists.data_ptr<float>(), ids.data_ptr<int64_t>(),
+                                   stream), "finalize");
   return {dists, ids};
 }
 #endif

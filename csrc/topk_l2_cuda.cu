@@ -1,12 +1,22 @@
 // Batched exact top-k search by squared L2 distance on the GPU: the twin of the
 // CPU kernel in topk_l2.cpp, with the same steps, chunk by chunk of keys:
-// 1. chunk_dists_kernel: ||k||^2 - 2 q.k for every query and key of the chunk,
-//    by 32 x 32 tiles in shared memory; float16 keys, float32 accumulation;
-// 2. select_kernel: one block per query; keys below the query's running
-//    threshold (its k-th best distance so far) are appended to a candidate
-//    buffer; a full buffer is bitonic-sorted and merged into the sorted list of
-//    the best, which sets the new threshold;
+//     ||q - k||^2 = ||q||^2 - 2 q.k + ||k||^2
+// 1. the inner products q.k of every query with a chunk of keys by one GEMM, which
+//    topk_l2.cpp asks of ATen (cuBLAS) between the launches of this file. Float16
+//    keys go to the tensor cores: each float32 query is split by split_kernel into a
+//    power-of-two scale s and two float16 rows, hi = half(q / s) and lo = half(q / s - hi),
+//    so that q = s (hi + lo) to about 2^-22 of |q|; one float16 GEMM of [2B, d] by [d, n]
+//    with float32 accumulation (and float32 out) gives q.k = s (hi.k + lo.k) within
+//    float32's rounding, as the CPU computes it. Float32 keys take a float32 GEMM;
+// 2. select_kernel: one block per query; ||k||^2 - 2 q.k for each key of the chunk,
+//    and those below the query's running threshold (its k-th best distance so far)
+//    are appended to a candidate buffer; a full buffer is bitonic-sorted and merged
+//    into the sorted list of the best, which sets the new threshold;
 // 3. finalize_kernel: ||q||^2 added to the k best, written out.
+// Shapes: queries [B, d] f32, keys [N, d] f16 or f32, k <= 1024 (the best lists live in
+// shared memory). Why it is fast: the arithmetic, 2 B N d (4 B N d split), runs on the
+// tensor cores through cuBLAS; what this file adds reads each product once and keeps
+// nearly every key out of the sort by one compare with the threshold.
 // All on the caller's stream, no host synchronisation. Ties go to the smaller id.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -17,33 +27,34 @@
 
 namespace {
 
-constexpr int TILE = 32;      // distance tiles: 32 queries x 32 keys, d in steps of 32
 constexpr int THREADS = 256;  // threads of a selection block
+constexpr int SPLIT_BITS = 14;  // hi's largest element in [2^13, 2^14): far from float16's 65504
 constexpr int64_t NO_ID = INT64_MAX;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-// out[b, j] = key_norms[start + j] - 2 queries[b] . keys[start + j], rows of out `ld` apart.
-template <typename Key>
-__global__ void chunk_dists_kernel(const float* __restrict__ queries, const Key* __restrict__ keys,
-                                   const float* __restrict__ key_norms, int64_t B, int64_t d, int64_t start,
-                                   int64_t n, int64_t ld, float* __restrict__ out) {
-  __shared__ float q_tile[TILE][TILE + 1];  // +1: no shared-memory bank conflicts
-  __shared__ float k_tile[TILE][TILE + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t b0 = int64_t(blockIdx.y) * TILE, j0 = int64_t(blockIdx.x) * TILE;
-  float acc = 0.0f;
-  for (int64_t d0 = 0; d0 < d; d0 += TILE) {
-    const int64_t c = d0 + tx;
-    q_tile[ty][tx] = (b0 + ty < B && c < d) ? queries[(b0 + ty) * d + c] : 0.0f;
-    k_tile[ty][tx] = (j0 + ty < n && c < d) ? to_float(keys[(start + j0 + ty) * d + c]) : 0.0f;
-    __syncthreads();
-#pragma unroll
-    for (int t = 0; t < TILE; ++t) acc += q_tile[ty][t] * k_tile[tx][t];
+// One block per query: s = a power of two, hi = half(q / s), lo = half(q / s - hi): q2 rows b and B + b.
+__global__ void split_kernel(const float* __restrict__ queries, int64_t B, int64_t d, __half* __restrict__ q2,
+                             float* __restrict__ scale) {
+  __shared__ float partial[THREADS];
+  const int64_t q = blockIdx.x;
+  const float* row = queries + q * d;
+  float largest = 0.0f;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) largest = fmaxf(largest, fabsf(row[c]));
+  partial[threadIdx.x] = largest;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + s]);
     __syncthreads();
   }
-  if (b0 + ty < B && j0 + tx < n) out[(b0 + ty) * ld + j0 + tx] = key_norms[start + j0 + tx] - 2.0f * acc;
+  int exponent = 0;
+  frexpf(partial[0], &exponent);  // largest = m 2^exponent, m in [0.5, 1); 0 for a zero row
+  const float s = partial[0] > 0.0f && isfinite(partial[0]) ? ldexpf(1.0f, exponent - SPLIT_BITS) : 1.0f;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float x = row[c] / s;  // exact: s is a power of two
+    const __half hi = __float2half_rn(x);
+    q2[q * d + c] = hi;
+    q2[(B + q) * d + c] = __float2half_rn(x - __half2float(hi));
+  }
+  if (threadIdx.x == 0) scale[q] = s;
 }
 
 __device__ __forceinline__ bool less(float da, int64_t ia, float db, int64_t ib) {
@@ -104,8 +115,10 @@ __global__ void init_kernel(float* best_dists, int64_t* best_ids, int64_t size) 
   }
 }
 
-// One block per query: merge the chunk's keys with dist < threshold into the query's best list.
-__global__ void select_kernel(const float* __restrict__ chunk_dists, int64_t ld, int64_t n, int64_t start, int k,
+// One block per query: ||k||^2 - 2 q.k for the chunk's keys (q.k = s (hi.k + lo.k) when split), and
+// those below the threshold merged into the query's best list. ips: rows of n products, n apart.
+__global__ void select_kernel(const float* __restrict__ ips, const float* __restrict__ scale,
+                              const float* __restrict__ key_norms, int64_t B, int64_t n, int64_t start, int k,
                               int width, float* __restrict__ best_dists, int64_t* __restrict__ best_ids) {
   __shared__ float best_d[TOPK_L2_CUDA_MAX_K], cand_d[TOPK_L2_CUDA_MAX_K];
   __shared__ int64_t best_i[TOPK_L2_CUDA_MAX_K], cand_i[TOPK_L2_CUDA_MAX_K];
@@ -118,7 +131,9 @@ __global__ void select_kernel(const float* __restrict__ chunk_dists, int64_t ld,
   if (threadIdx.x == 0) count = 0;
   __syncthreads();
   float threshold = best_d[k - 1];
-  const float* row = chunk_dists + q * ld;
+  const float* hi = ips + q * n;
+  const float* lo = scale != nullptr ? ips + (B + q) * n : nullptr;
+  const float s = scale != nullptr ? scale[q] : 1.0f;
   for (int64_t base = 0; base < n; base += blockDim.x) {
     if (count + int(blockDim.x) > width) {  // no room for a whole pass: merge first
       merge(best_d, best_i, cand_d, cand_i, &count, width);
@@ -126,7 +141,8 @@ __global__ void select_kernel(const float* __restrict__ chunk_dists, int64_t ld,
     }
     const int64_t j = base + threadIdx.x;
     if (j < n) {
-      const float dist = row[j];
+      const float ip = lo != nullptr ? (hi[j] + lo[j]) * s : hi[j];
+      const float dist = key_norms[start + j] - 2.0f * ip;
       if (dist < threshold) {  // keys come in increasing id order: a tie loses to the earlier key
         const int pos = atomicAdd(&count, 1);
         cand_d[pos] = dist;
@@ -165,25 +181,32 @@ __global__ void finalize_kernel(const float* __restrict__ queries, int64_t d, in
 
 }  // namespace
 
-const char* topk_l2_cuda_launch(const float* queries, const void* keys, bool keys_half, const float* key_norms,
-                                int64_t B, int64_t N, int64_t d, int64_t k, int64_t key_chunk, float* chunk_dists,
-                                float* best_dists, int64_t* best_ids, float* dists, int64_t* ids, void* stream) {
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int width = int(topk_l2_cuda_width(k));
-  init_kernel<<<256, THREADS, 0, s>>>(best_dists, best_ids, B * width);
-  for (int64_t start = 0; start < N; start += key_chunk) {
-    const int64_t n = N - start < key_chunk ? N - start : key_chunk;
-    const dim3 grid(unsigned((n + TILE - 1) / TILE), unsigned((B + TILE - 1) / TILE)), block(TILE, TILE);
-    if (keys_half)
-      chunk_dists_kernel<__half><<<grid, block, 0, s>>>(queries, static_cast<const __half*>(keys), key_norms, B, d,
-                                                        start, n, key_chunk, chunk_dists);
-    else
-      chunk_dists_kernel<float><<<grid, block, 0, s>>>(queries, static_cast<const float*>(keys), key_norms, B, d,
-                                                       start, n, key_chunk, chunk_dists);
-    select_kernel<<<unsigned(B), THREADS, 0, s>>>(chunk_dists, key_chunk, n, start, int(k), width, best_dists,
-                                                   best_ids);
-  }
-  finalize_kernel<<<unsigned(B), THREADS, 0, s>>>(queries, d, int(k), width, best_dists, best_ids, dists, ids);
+const char* topk_l2_cuda_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+const char* topk_l2_cuda_split(const float* queries, int64_t B, int64_t d, void* q2, float* scale, void* stream) {
+  split_kernel<<<unsigned(B), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(queries, B, d, static_cast<__half*>(q2),
+                                                                               scale);
+  return topk_l2_cuda_error();
+}
+
+const char* topk_l2_cuda_init(float* best_dists, int64_t* best_ids, int64_t size, void* stream) {
+  init_kernel<<<256, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(best_dists, best_ids, size);
+  return topk_l2_cuda_error();
+}
+
+const char* topk_l2_cuda_select(const float* ips, const float* scale, const float* key_norms, int64_t B, int64_t n,
+                                int64_t start, int64_t k, float* best_dists, int64_t* best_ids, void* stream) {
+  select_kernel<<<unsigned(B), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+      ips, scale, key_norms, B, n, start, int(k), int(topk_l2_cuda_width(k)), best_dists, best_ids);
+  return topk_l2_cuda_error();
+}
+
+const char* topk_l2_cuda_finalize(const float* queries, int64_t B, int64_t d, int64_t k, const float* best_dists,
+                                  const int64_t* best_ids, float* dists, int64_t* ids, void* stream) {
+  finalize_kernel<<<unsigned(B), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+      queries, d, int(k), int(topk_l2_cuda_width(k)), best_dists, best_ids, dists, ids);
+  return topk_l2_cuda_error();
 }

@@ -27,6 +27,10 @@ def backend_param(backend, device="cpu"):
 
 
 BACKENDS = [backend_param("torch"), backend_param("ext"), backend_param("ext", "cuda")]
+KERNEL_DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(ext is None, reason="knnlm_ext not built")),
+                  pytest.param("cuda", marks=pytest.mark.skipif(
+                      not torch.cuda.is_available() or ext is None or not ext.cuda,
+                      reason="no GPU, or knnlm_ext built without CUDA"))]
 
 
 def brute_force(queries, keys, k):
@@ -121,17 +125,60 @@ def test_selection_of_keys_in_distance_order_and_at_one_distance(backend, device
             assert torch.equal(ids.cpu(), ref_ids) and torch.equal(dists.cpu().double(), ref_dists)
 
 
-@pytest.mark.skipif(ext is None, reason="knnlm_ext not built")
-def test_kernel_is_deterministic_and_right_for_any_blocking():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16])
+def test_kernel_is_deterministic_and_right_for_any_blocking(device, key_dtype):
     """The same call gives the same bits; other block sizes change only the GEMM's rounding."""
     queries, keys = make_data("random", 5000, 24, 37, seed=3)
-    key_norms = knnlm.squared_norms(keys)
-    dists, ids = torch.ops.knnlm.topk_l2(queries, keys, 100, key_norms)
-    again = torch.ops.knnlm.topk_l2(queries, keys, 100, key_norms)
+    keys = keys.to(key_dtype)
+    queries_d, keys_d = queries.to(device), keys.to(device)
+    key_norms = knnlm.squared_norms(keys_d)
+    dists, ids = torch.ops.knnlm.topk_l2(queries_d, keys_d, 100, key_norms)
+    again = torch.ops.knnlm.topk_l2(queries_d, keys_d, 100, key_norms)
     assert torch.equal(dists, again[0]) and torch.equal(ids, again[1])
     for key_chunk, query_block in [(1, 1), (129, 5), (4999, 36), (10_000, 1000)]:
-        dists, ids = torch.ops.knnlm.topk_l2(queries, keys, 100, key_norms, key_chunk, query_block)
+        dists, ids = torch.ops.knnlm.topk_l2(queries_d, keys_d, 100, key_norms, key_chunk, query_block)
         assert_exact_neighbours(dists, ids, queries, keys, 100)
+
+
+def split_inner_products(queries, keys):
+    """The CUDA kernel's arithmetic for float16 keys, on the CPU: q = s (hi + lo) with s a power of two
+    and hi, lo float16; q.k = s (hi.k + lo.k), products of float16s summed in float32."""
+    largest = queries.abs().amax(1)
+    scale = torch.where(largest > 0, torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 14.0), 1.0)
+    x = queries / scale[:, None]
+    hi = x.half()
+    lo = (x - hi.float()).half()
+    return (hi.float() @ keys.float().T + lo.float() @ keys.float().T) * scale[:, None]
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_split_queries_give_float16_products_float32_precision(kind):
+    """Why the CUDA kernel splits its queries: with float16 keys on the tensor cores, queries rounded to
+    float16 miss float32's exact neighbours; split into two float16 rows they find them (the GPU's own
+    results are test_search_equals_brute_force's)."""
+    queries, keys = make_data(kind, 5000, 24, 33, seed=6)
+    keys = keys.half()
+    for inner_products, exact in [(split_inner_products(queries, keys), True),
+                                  (queries.half().float() @ keys.float().T, False)]:
+        dists = keys.float().pow(2).sum(1) - 2 * inner_products
+        dists, ids = knnlm.sort_neighbours(*dists.topk(1024, dim=1, largest=False))
+        dists = (dists + queries.pow(2).sum(1, keepdim=True)).clamp(min=0)
+        if exact:
+            assert_exact_neighbours(dists, ids, queries, keys, 1024)
+        else:
+            with pytest.raises(AssertionError):
+                assert_exact_neighbours(dists, ids, queries, keys, 1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_a_datastore_searched_on_the_gpu_holds_its_keys_there_and_finds_the_nearest(built):
+    *_, datastore, _ = built
+    queries = datastore.keys[:20].float() + 0.01
+    assert datastore.use("auto", "cuda", k=5) == ("ext" if ext is not None and ext.cuda else "torch")
+    assert datastore.keys.device.type == datastore.key_norms.device.type == "cuda"
+    dists, ids = datastore.search(queries.cuda(), 5)
+    assert_exact_neighbours(dists, ids, queries, datastore.keys.cpu(), 5)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -173,12 +220,6 @@ def test_kernel_rejects_bad_input_itself():
 def test_kernel_refuses_keys_on_another_device():
     with pytest.raises(ValueError, match="must be on one device"):
         search.topk_l2(torch.randn(2, 4), torch.randn(10, 4, device="meta"), 3, backend="ext")
-
-
-KERNEL_DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(ext is None, reason="knnlm_ext not built")),
-                  pytest.param("cuda", marks=pytest.mark.skipif(
-                      not torch.cuda.is_available() or ext is None or not ext.cuda,
-                      reason="no GPU, or knnlm_ext built without CUDA"))]
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
