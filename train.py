@@ -181,7 +181,7 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}",
-                        tok_per_s=f"{(step + 1 - first_step) * x.numel() / (time.time() - start):.0f}")
+                        tok_per_s=f"{(step + 1 - first_step) * x.numel() / (time.time() - start):.0f}", refresh=False)
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
             ppl = validation_ppl()
             history.append({"step": step + 1, "train_loss": sum(losses) / len(losses), "valid_ppl": ppl})

@@ -98,7 +98,8 @@ def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, comm
         vals[row:row + len(v)] = v.numpy()
         row += len(v)
         bar.update(len(v))
-        bar.set_postfix(tok_per_s=f"{(row - done['rows']) / (time.time() - start):.0f}")
+        # refresh=False: shown with the next update, as often as tqdm's mininterval lets: not a line per batch in a log
+        bar.set_postfix(tok_per_s=f"{(row - done['rows']) / (time.time() - start):.0f}", refresh=False)
         if time.time() - last_commit > commit_seconds or row == last_row:
             keys.flush(), vals.flush()  # the rows reach the disk before the progress that counts them
             write_json({"manifest": asdict(manifest), "rows": row}, progress_path)
@@ -216,7 +217,11 @@ class DiskDatastore(knnlm.Datastore):
         -> the backend."""
         if k > len(self):
             raise KnnlmError(f"--k {k} is larger than the datastore ({len(self):,} keys)")
-        self.backend = search_backend(backend, device, self.keys.device, k, len(self), self.has_index())
+        on_gpu = torch.device(device).type == "cuda" and fits_on_gpu(self.keys, device)
+        self.backend = search_backend(backend, device, device if on_gpu else self.keys.device, k, len(self),
+                                      self.has_index())
+        if on_gpu and self.backend != "faiss":  # the exact search where the queries are: no keys over PCIe per batch
+            self.keys, self.key_norms = self.keys.to(device), self.key_norms.to(device)
         if self.backend == "faiss":
             self.load_index(nprobe, recompute)
         return self.backend
@@ -230,6 +235,11 @@ class DiskDatastore(knnlm.Datastore):
             if self.backend == "ext":
                 return kernel_topk_l2(queries, self.keys, k, self.key_norms)
             return super().search(queries, k)
+
+
+def fits_on_gpu(keys, device):
+    """Whether keys take at most half the GPU's free memory."""
+    return keys.numel() * keys.element_size() <= torch.cuda.mem_get_info(torch.device(device))[0] // 2
 
 
 def measured_with(model_fingerprint, datastore, k, lmbda, temperature, min_context, max_tokens=None,
