@@ -62,7 +62,9 @@ fi
 
 # 1. the kernel, built against this torch; 2. the search tests
 step build 120 env MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || {
-    tail -30 "$out/build.log"; echo "gpu.sh: the build failed"; exit 1; }
+    tail -30 "$out/build.log"  # the rest still runs: the main job with PyTorch's search on the GPU
+    echo "gpu.sh: the CUDA build failed; building the CPU kernel only"
+    step build-cpu 60 env KNNLM_CUDA=0 MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace >> "$out/build.log" 2>&1; }
 python3 -c "import torch, knnlm_ext; print('knnlm_ext: cuda', knnlm_ext.cuda)"
 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_search.py > "$out/tests.log" 2>&1
 tail -5 "$out/tests.log"
