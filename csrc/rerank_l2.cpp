@@ -11,7 +11,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -74,7 +73,7 @@ void rerank_rows(const at::Tensor& q, const key_t* keys, int64_t stride, int64_t
   constexpr uint32_t kMissing = 0xffffffffu;
   constexpr int64_t kAhead = 8;
   at::parallel_for(0, ids.size(0), 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> found(k);
+    std::vector<uint64_t> found(k), spare;
     std::vector<key_t> buffer(fd >= 0 ? d : 0);
     bool read_failed = false;
     for (int64_t b = begin; b < end; ++b) {
@@ -103,7 +102,7 @@ void rerank_rows(const at::Tensor& q, const key_t* keys, int64_t stride, int64_t
         found[i] = candidate(l2, id[i]);
       }
       TORCH_CHECK(!read_failed, "rerank_l2: cannot read key rows from file descriptor ", fd);
-      std::sort(found.begin(), found.end());
+      sort_candidates(found.data(), k, spare);
       for (int64_t i = 0; i < k; ++i) {
         dist[i] = candidate_dist(found[i]);
         id[i] = candidate_id(found[i]) == kMissing ? -1 : candidate_id(found[i]);

@@ -104,6 +104,7 @@ void select(uint64_t* a, int64_t n, int64_t r) {
 struct TopK {
   int64_t k;
   std::vector<uint64_t> buf;  // candidates, the k best among them: up to 2k, plus one block's W
+  std::vector<uint64_t> spare;  // sort_candidates' scratch
   int64_t size = 0;
   float threshold = std::numeric_limits<float>::infinity();  // k-th best once k are in
 
@@ -145,7 +146,7 @@ struct TopK {
   // The k best in ascending order, plus ||q||^2.
   void write(float query_norm, float* dists, int64_t* ids) {
     if (size > k) cut();
-    std::sort(buf.begin(), buf.begin() + k);
+    sort_candidates(buf.data(), k, spare);
     for (int64_t i = 0; i < k; ++i) {
       dists[i] = std::max(candidate_dist(buf[i]) + query_norm, 0.0f);
       ids[i] = candidate_id(buf[i]);

@@ -60,11 +60,13 @@ def native_bfloat16():
     return any(check() for check in checks if check is not None)
 
 
-def cpuinfo(field):
-    """The value of the first `field` line of /proc/cpuinfo ("flags", "vendor_id", "model name"); None off Linux."""
+def cpuinfo(field, path="/proc/cpuinfo"):
+    """The value of the first `field` line of /proc/cpuinfo ("flags", "vendor_id", "model name", "model");
+    None off Linux."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
+        with open(path) as f:
+            return next((value.strip() for key, _, value in (line.partition(":") for line in f)
+                         if key.strip() == field), None)
     except OSError:
         return None
 
@@ -215,6 +217,8 @@ def every_core():
 def describe():
     """This machine in one line: the CPU, its vector and bfloat16 instructions, cores, torch."""
     name = cpuinfo("model name") or "unknown CPU"
+    if cpuinfo("cpu family") and cpuinfo("model"):  # the generation: e.g. AMD's family 25 is Zen 3 and 4, 26 Zen 5
+        name += f" (family {cpuinfo('cpu family')}, model {cpuinfo('model')})"
     flags = cpu_flags()
     features = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
     mkl = f"; MKL's path: {mkl_path()}" if torch.backends.mkl.is_available() else ""

@@ -164,3 +164,11 @@ def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_intel_path():
         banner = next(line for line in lines if line.startswith("MKL_VERBOSE oneMKL"))
         for label, named in banners.items():  # MKL names the path mkl_path() names, and no other
             assert (named in banner) == (path == label), banner
+
+
+def test_cpuinfo_reads_the_field_named_not_one_it_begins(tmp_path):
+    (tmp_path / "cpuinfo").write_text("vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel name\t: AMD EPYC\n"
+                                      "model\t\t: 2\nflags\t\t: fpu avx2\n\nprocessor\t: 1\nmodel\t\t: 9\n")
+    read = lambda field: cpu.cpuinfo(field, str(tmp_path / "cpuinfo"))
+    assert (read("model"), read("model name"), read("cpu family"), read("flags")) == ("2", "AMD EPYC", "26", "fpu avx2")
+    assert read("stepping") is None and cpu.cpuinfo("flags", str(tmp_path / "missing")) is None

@@ -87,6 +87,26 @@ def test_the_torch_rerank_equals_the_kernels(indexed):
         torch.ops.knnlm.rerank_l2(queries, indexed.keys, ids + N)
 
 
+@pytest.mark.parametrize("k", [33, 255, 256, 1024, 5000])  # from 256 candidates the kernel sorts by radix
+def test_the_kernels_rerank_orders_by_distance_then_id(k):
+    """Small integer keys and queries: every distance exact in float32, and many equal."""
+    if search.knnlm_ext is None:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(k)
+    keys = torch.randint(-2, 3, (3000, 16), generator=g).half()
+    queries = torch.randint(-2, 3, (6, 16), generator=g).float()
+    ids = torch.randint(3000, (6, k), generator=g)
+    ids[1, ::7] = -1                          # missing: last, with distance inf
+    queries[2] = keys[ids[2, 3]].float()      # a distance of 0
+    dists, found = torch.ops.knnlm.rerank_l2(queries, keys, ids)
+    exact = (keys.double()[ids.clamp(min=0)] - queries.double()[:, None]).pow(2).sum(-1).masked_fill(ids < 0, np.inf)
+    for b in range(len(ids)):  # the expected order: by distance, ties by id (-1, missing, after every id)
+        want = sorted(zip(exact[b].tolist(), [i if i >= 0 else 2 ** 32 for i in ids[b].tolist()]))
+        assert dists[b].tolist() == [dist for dist, _ in want]
+        assert found[b].tolist() == [i if i < 2 ** 32 else -1 for _, i in want]
+    assert dists[2, 0] == 0
+
+
 def test_index_save_load_round_trip(indexed, tmp_path):
     index = indexed.load_index()
     faiss_index.write_index(index.index, str(tmp_path / "copy.faiss"))
