@@ -21,7 +21,7 @@ if want_cuda not in ("auto", "0", "1"):
     raise SystemExit(f"KNNLM_CUDA must be auto, 0 or 1, got {want_cuda!r}")
 with_cuda = want_cuda == "1" or (want_cuda == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
 
-sources = ["csrc/topk_l2.cpp", "csrc/rerank_l2.cpp"]
+sources = ["csrc/topk_l2.cpp", "csrc/rerank_l2.cpp", "csrc/bernoulli.cpp"]
 openmp = ["-fopenmp"]  # at::parallel_for runs its loop on OpenMP threads only when compiled with it
 cxx = ["-O3", "-g0", *openmp]  # -g0: no debug info for the torch headers (Python's own flags ask for it)
 if with_cuda:

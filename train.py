@@ -135,7 +135,9 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
                             d_model=d_model, dropout=args.dropout)
     model = knnlm.TransformerLM(cfg).to(args.device)
     threads = cpu.Threads().follow(model)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {cfg}; {args.precision}, {threads}")
+    masks = "knnlm.bernoulli_" if cpu.exact_bernoulli() else "torch's bernoulli_"  # the same bits, faster
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {cfg}; {args.precision}, {threads}; "
+          f"dropout masks by {masks}")
 
     # optimizer: weight decay on matrices only, not on biases and LayerNorm gains
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -23,6 +23,7 @@ import ctypes
 import importlib.util
 import os
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -122,6 +123,66 @@ def mkl_path():
     if not forced:
         return "its own choice"
     return f"{'AVX-512' if AVX512 <= cpu_flags() else 'AVX2'} ({MKL_AVX2})"
+
+
+# -----------------------------------------------------------------------------
+# Dropout's masks drawn in blocks
+
+_bernoulli_override = None  # the torch.library.Library that holds the override, while installed
+
+
+def bernoulli_checks():
+    """(tensor, p, how many numbers the generator gave before) cases on which knnlm.bernoulli_ must draw
+    what torch's own bernoulli_ draws: every dtype it handles, sizes around the mt19937's 624-number
+    state, a state part used."""
+    return [(torch.empty(n, dtype=dtype), p, before) for dtype in (torch.float32, torch.bfloat16, torch.float64)
+            for n, p, before in ((0, 0.9, 0), (1, 0.5, 3), (625, 0.8, 0), (5000, 0.9, 623), (3000, 0.0, 1),
+                                 (3000, 1.0, 2))]
+
+
+def bernoulli_agrees(draw):
+    """Whether draw(tensor, p, generator) fills and advances a generator as torch's own bernoulli_ does."""
+    for seed, (x, p, before) in enumerate(bernoulli_checks()):
+        g = torch.Generator().manual_seed(seed)
+        torch.rand(before, generator=g, dtype=torch.float64)  # one number each, as bernoulli_ draws
+        start = g.get_state()
+        want, want_state = x.clone().bernoulli_(p, generator=g), g.get_state()
+        g.set_state(start)
+        got = draw(x.clone(), p, g)
+        if not (torch.equal(got, want) and torch.equal(g.get_state(), want_state)):
+            return False
+    return True
+
+
+def exact_bernoulli(install=True):
+    """Dropout draws its masks with torch's bernoulli_, which on a CPU that is not Intel's draws every
+    element through the generator's mt19937 one call at a time: a third of a bfloat16 training step.
+    knnlm.bernoulli_ (csrc/bernoulli.cpp) draws the same numbers in blocks, 6x faster. This makes it
+    torch's bernoulli_(p) on the CPU for the rest of the process (an override of aten::bernoulli_.float,
+    which every dropout calls), where the kernel is built and draws exactly what torch's own does
+    here, checked first; elsewhere (on an Intel CPU, where torch draws with MKL) nothing changes.
+    -> whether it is installed. install=False takes the override away."""
+    global _bernoulli_override
+    if not install:
+        if _bernoulli_override is not None:
+            _bernoulli_override._destroy()
+            _bernoulli_override = None
+        return False
+    if _bernoulli_override is not None:
+        return True
+    try:
+        import knnlm_ext  # noqa: F401  (registers torch.ops.knnlm.bernoulli_)
+    except ImportError:
+        return False
+    if not hasattr(torch.ops.knnlm, "bernoulli_") or not bernoulli_agrees(torch.ops.knnlm.bernoulli_):
+        return False
+    library = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():  # torch warns that the CPU kernel is overridden: that is the point
+        warnings.simplefilter("ignore")
+        library.impl("bernoulli_.float",
+                     lambda self, p=0.5, generator=None: torch.ops.knnlm.bernoulli_(self, p, generator), "CPU")
+    _bernoulli_override = library
+    return True
 
 
 # -----------------------------------------------------------------------------

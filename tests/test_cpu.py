@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import knnlm
-from knnlm_tools import checkpoints, cpu
+from knnlm_tools import checkpoints, cpu, search
 from helpers import clustered_keys, run, tiny_model, untrained_work, write_corpus, write_datastore
 
 
@@ -172,3 +172,75 @@ def test_cpuinfo_reads_the_field_named_not_one_it_begins(tmp_path):
     read = lambda field: cpu.cpuinfo(field, str(tmp_path / "cpuinfo"))
     assert (read("model"), read("model name"), read("cpu family"), read("flags")) == ("2", "AMD EPYC", "26", "fpu avx2")
     assert read("stepping") is None and cpu.cpuinfo("flags", str(tmp_path / "missing")) is None
+
+
+needs_kernel = pytest.mark.skipif(search.knnlm_ext is None, reason="knnlm_ext not built")
+TORCH_DRAWS_ITSELF = cpu.cpuinfo("vendor_id") != "GenuineIntel" or not torch.backends.mkl.is_available()
+draws_itself = pytest.mark.skipif(not TORCH_DRAWS_ITSELF, reason="on an Intel CPU torch's bernoulli_ draws with MKL")
+
+
+def kernels_run(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {event.key for event in prof.key_averages()}
+
+
+@needs_kernel
+@draws_itself
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_knnlm_bernoulli_draws_what_torchs_own_draws(dtype):
+    """The same elements and the generator left in the same state, whatever the size, p and the state
+    (mt19937 regenerates its 624 numbers: sizes around 312 and 624 elements, two numbers each)."""
+    for n in (0, 1, 311, 312, 313, 624, 2049, 10_000):
+        for p in (0.0, 0.1, 0.8, 0.7071, 1.0):
+            for before in (0, 1, 623, 624, 1000):
+                g = torch.Generator().manual_seed(1000 * n + before)
+                torch.rand(before, generator=g, dtype=torch.float64)
+                start = g.get_state()
+                want = torch.empty(n, dtype=dtype).bernoulli_(p, generator=g)
+                want_state = g.get_state()
+                g.set_state(start)
+                got = torch.ops.knnlm.bernoulli_(torch.empty(n, dtype=dtype), p, g)
+                assert torch.equal(got, want) and torch.equal(g.get_state(), want_state), (n, p, before)
+    torch.manual_seed(5)  # no generator: the default one, as dropout's
+    want, want_next = torch.empty(3000, dtype=dtype).bernoulli_(0.9), torch.rand(2)
+    torch.manual_seed(5)
+    got, got_next = torch.ops.knnlm.bernoulli_(torch.empty(3000, dtype=dtype), 0.9), torch.rand(2)
+    assert torch.equal(got, want) and torch.equal(got_next, want_next)
+
+
+@needs_kernel
+def test_knnlm_bernoulli_leaves_what_it_does_not_handle_to_torch():
+    for make in (lambda: torch.empty(40, 30).t(), lambda: torch.empty(500, dtype=torch.int64)):  # strided, integer
+        torch.manual_seed(1)
+        want = make().bernoulli_(0.6)
+        torch.manual_seed(1)
+        assert torch.equal(torch.ops.knnlm.bernoulli_(make(), 0.6), want)
+    with pytest.raises(RuntimeError, match="p"):
+        torch.ops.knnlm.bernoulli_(torch.empty(3), 1.5)
+
+
+@needs_kernel
+def test_exact_bernoulli_gives_dropout_the_same_bits_through_the_kernel():
+    cfg = knnlm.ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, d_model=32, dropout=0.2)
+    model = knnlm.TransformerLM(cfg).train()  # dropout in the blocks and inside the attention
+    x = torch.randint(50, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        torch.manual_seed(0)
+        model.zero_grad()
+        logits = model(x)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        logits.float().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (want, want_grads), torchs = kernels_run(step)
+    assert "knnlm::bernoulli_" not in torchs
+    try:
+        assert cpu.exact_bernoulli() == TORCH_DRAWS_ITSELF
+        (got, grads), ours = kernels_run(step)
+    finally:
+        cpu.exact_bernoulli(install=False)
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+    assert ("knnlm::bernoulli_" in ours) == TORCH_DRAWS_ITSELF
+    assert "knnlm::bernoulli_" not in kernels_run(step)[1]  # taken away again
