@@ -1,6 +1,6 @@
 """
-What the CPU can give a run: how many threads, whether it computes in bfloat16, and its
-memory's pages kept from one step to the next.
+What the CPU can give a run: how many threads, whether it computes in bfloat16, its memory's
+pages kept from one step to the next, MKL's kernels and dropout's masks.
 
 Threads: torch runs one thread per core, and its threads wait for each other at every
 operation, so a single busy process beside it on a 2-core machine slows it 2-3x. Threads()
@@ -18,6 +18,10 @@ MKL: torch's float32 matrix products run in Intel's MKL, which takes its AVX2 an
 only on a CPU it believes is Intel's. On an AMD CPU with AVX2, run.sh loads knnlm_mkl_avx2 first
 (csrc/mkl_avx2.cpp): MKL then takes the kernels it takes on an Intel CPU with the same
 instructions, AVX2, or AVX-512 where the CPU has it. mkl_path() says which path a process runs.
+
+Dropout's masks: torch's bernoulli_ draws them one mt19937 call at a time on a CPU that is not
+Intel's; exact_bernoulli() puts knnlm.bernoulli_ (csrc/bernoulli.cpp) in its place, the same numbers
+drawn in blocks, where a check finds them the same.
 """
 import ctypes
 import importlib.util
