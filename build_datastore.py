@@ -73,7 +73,9 @@ interrupted = "rerun the same command to continue where it stopped"
 with cli.user_errors(interrupted), files.writing(args.out, directory=True) if rank == 0 else nullcontext():
     model, vocab, _ = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
     threads = cpu.Threads().follow(model)
-    precision = cpu.resolve_precision(args.precision, args.device)
+    # auto continues a datastore in the precision it was begun in: --index or a resume is not refused
+    precision = (args.precision == "auto" and datastores.recorded_precision(args.out)
+                 or cpu.resolve_precision(args.precision, args.device))
     key_type = checkpoints.key_type(model, args.key_type)
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     path = knnlm.split_path(corpora.resolve_corpus(args.data), args.split)

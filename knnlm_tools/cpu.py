@@ -115,8 +115,8 @@ AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what MKL
 
 def mkl_path():
     """Which kernels MKL multiplies with in this process: "AVX2 (knnlm_mkl_avx2)" when that library is
-    loaded ("AVX-512 (knnlm_mkl_avx2)" on a CPU with AVX-512), else "its own choice"; None when torch
-    has no MKL."""
+    loaded ("AVX-512 (knnlm_mkl_avx2)" on a CPU with AVX-512 unless MKL_ENABLE_INSTRUCTIONS holds MKL
+    below it), else "its own choice"; None when torch has no MKL."""
     if not torch.backends.mkl.is_available():
         return None
     try:
@@ -126,7 +126,8 @@ def mkl_path():
         forced = False
     if not forced:
         return "its own choice"
-    return f"{'AVX-512' if AVX512 <= cpu_flags() else 'AVX2'} ({MKL_AVX2})"
+    limit = (os.environ.get("MKL_ENABLE_INSTRUCTIONS") or "AVX512").upper()  # MKL's own cap, read when it loads
+    return f"{'AVX-512' if AVX512 <= cpu_flags() and limit.startswith('AVX512') else 'AVX2'} ({MKL_AVX2})"
 
 
 # -----------------------------------------------------------------------------

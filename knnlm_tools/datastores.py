@@ -120,6 +120,18 @@ def progress_file(out_dir, shard, shards):
     return os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{shard}.json")
 
 
+def recorded_precision(out_dir):
+    """The precision of the datastore built or begun in out_dir (its manifest's), None if there is none:
+    what --precision auto continues with, so that adding the index or resuming is not refused."""
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):
+        return Manifest.read(out_dir)[0].precision
+    begun = sorted(f for f in os.listdir(out_dir) if f.startswith("progress")) if os.path.isdir(out_dir) else []
+    if begun:
+        manifest = read_json(os.path.join(out_dir, begun[0]), {"manifest": dict})["manifest"]
+        return {**WRITTEN_BEFORE, **manifest}["precision"]
+    return None
+
+
 def open_npy(path, mode, dtype, shape):
     try:
         return np.lib.format.open_memmap(path, mode, dtype, shape)

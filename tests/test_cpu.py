@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import knnlm
-from knnlm_tools import checkpoints, cpu, search
+from knnlm_tools import checkpoints, cpu, datastores, search
 from helpers import clustered_keys, run, tiny_model, untrained_work, write_corpus, write_datastore
 
 
@@ -123,6 +123,24 @@ def test_the_scripts_say_which_precision_and_search_ran(tmp_path):
     assert out.returncode == 2 and "precision" in out.stderr
 
 
+def test_precision_auto_continues_a_datastore_in_its_own_precision(tmp_path):
+    """Built in the precision auto would not pick here, then --index with auto: added, not refused."""
+    other = "float32" if cpu.resolve_precision("auto", "cpu") == "bfloat16" else "bfloat16"
+    root, data = untrained_work(tmp_path, (120, 30, 30), "--precision", other)
+    ds = root / "runs" / "datastore"
+    keys = (ds / "keys.npy").read_bytes()
+    out = run("build_datastore.py", "--data", data, "--index", "--factory", "IVF4,Flat", cwd=root)
+    assert other in out.stdout and "already holds this datastore" in out.stdout
+    assert (ds / "keys.npy").read_bytes() == keys and datastores.recorded_precision(ds) == other
+    # a build begun and interrupted is continued in its precision too (its progress file records it)
+    meta = json.load(open(ds / "meta.json"))
+    os.remove(ds / "meta.json")
+    json.dump({"manifest": {k: meta[k] for k in meta if k not in ("files", "seal")}, "rows": 0},
+              open(ds / "progress.json", "w"))
+    assert datastores.recorded_precision(ds) == other
+    assert datastores.recorded_precision(tmp_path / "nothing") is None
+
+
 def test_a_checkpoint_from_before_precision_was_recorded_trained_in_float32():
     """One rule for train.py --resume, evaluate.py's results and the analyses that train the model again."""
     assert checkpoints.training_args({"args": {"lr": 0.001}}) == {"lr": 0.001, "precision": "float32"}
@@ -155,12 +173,13 @@ def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_intel_path():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     banners = {"AVX2 (knnlm_mkl_avx2)": "(Intel(R) AVX2) enabled processors",
                "AVX-512 (knnlm_mkl_avx2)": "(Intel(R) AVX-512)"}
-    for preload in (library, ""):
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": preload, "MKL_VERBOSE": "1"},
-                             capture_output=True, text=True, check=True, cwd=root)
+    for preload, limit in ((library, ""), ("", ""), (library, "AVX2")):  # AVX2: MKL held there, as on an AVX2 CPU
+        env = {**os.environ, "LD_PRELOAD": preload, "MKL_VERBOSE": "1", "MKL_ENABLE_INSTRUCTIONS": limit}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
         lines = out.stdout.splitlines()
         path = lines[-1]
         assert path in banners if preload else path == "its own choice"
+        assert path != "AVX-512 (knnlm_mkl_avx2)" or not limit
         banner = next(line for line in lines if line.startswith("MKL_VERBOSE oneMKL"))
         for label, named in banners.items():  # MKL names the path mkl_path() names, and no other
             assert (named in banner) == (path == label), banner
