@@ -112,8 +112,9 @@ ARGUMENTS = {  # the flags the scripts and experiments share: name -> (flag, its
     "precision": ("--precision", dict(default="auto", choices=PRECISIONS,
                                       help="the forward passes' arithmetic: bfloat16 autocast or float32; auto: "
                                            "bfloat16 on a CPU with bfloat16 instructions (AVX512-BF16 or AMX, as "
-                                           "torch detects them), float32 elsewhere; build_datastore.py continues a datastore "
-                                           "in the precision it was begun in (default: %(default)s)")),
+                                           "torch detects them, unless ATEN_CPU_CAPABILITY holds torch at AVX2), float32 "
+                                           "elsewhere; build_datastore.py continues a datastore in the precision it was "
+                                           "begun in (default: %(default)s)")),
     "nprobe": ("--nprobe", dict(type=int, default=None,
                                 help=f"faiss: inverted lists visited per query (default: the paper's {NPROBE}, or all "
                                      "lists when the index has fewer)")),

@@ -58,7 +58,10 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 # bfloat16 where the CPU has it
 
 def native_bfloat16():
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as torch's cpuinfo reads them."""
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as torch's cpuinfo reads them, and
+    torch may use them: not when ATEN_CPU_CAPABILITY holds it at AVX2, as on an AVX2 CPU."""
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(check is None for check in checks):  # a torch without them: the kernel's flags
         return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
@@ -288,9 +291,21 @@ def describe():
     flags = cpu_flags()
     features = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
     mkl = f"; MKL's path: {mkl_path()}" if torch.backends.mkl.is_available() else ""
+    level = faiss_level()
+    faiss = f"; FAISS's: {level}" if level else ""
     return (f"{name}, {os.cpu_count()} cores, {', '.join(features) or 'no AVX2'} (torch uses "
             f"{torch.backends.cpu.get_cpu_capability()}; native bfloat16: {'yes' if native_bfloat16() else 'no'}"
-            f"{mkl}), torch {torch.__version__}")
+            f"{mkl}{faiss}), torch {torch.__version__}")
+
+
+def faiss_level():
+    """The vector instructions FAISS searches with ("AVX512", "AVX2"; FAISS_SIMD_LEVEL caps them); None
+    without FAISS, or with one too old to say."""
+    try:
+        import faiss
+        return faiss.SIMDConfig.get_level_name()
+    except (ImportError, AttributeError):
+        return None
 
 
 if __name__ == "__main__":

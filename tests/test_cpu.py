@@ -94,6 +94,22 @@ def test_precision_auto_is_bfloat16_only_where_native():
     assert cpu.resolve_precision("auto", "cuda") == "float32"
     assert cpu.resolve_precision("bfloat16", "cpu") == "bfloat16"
     assert cpu.resolve_precision("float32", "cpu") == "float32"
+    # torch held at AVX2 (ATEN_CPU_CAPABILITY, read when it loads), as on an AVX2 CPU: float32, whatever this CPU has
+    code = "from knnlm_tools import cpu; print(cpu.native_bfloat16(), cpu.resolve_precision('auto', 'cpu'))"
+    for capability in ("avx2", "default"):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.split() == ["False", "float32"], out.stdout
+
+
+def test_the_times_file_names_what_each_library_ran():
+    """bench/avx2_paths.sh holds every library at AVX2: the line run.sh ends with says so."""
+    pytest.importorskip("faiss")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "FAISS_SIMD_LEVEL": "AVX2"}
+    out = subprocess.run([sys.executable, "-m", "knnlm_tools.cpu", "train 75"], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split("\n")[0].split() == ["train", "1", "min", "15", "s"]
+    assert "torch uses AVX2; native bfloat16: no" in out.stdout and "FAISS's: AVX2)" in out.stdout, out.stdout
 
 
 def test_bfloat16_autocast_scores_near_float32():
