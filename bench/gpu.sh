@@ -89,8 +89,10 @@ times+=("main-job $((SECONDS - main_start)) s")
 
 # 4. the benchmark; 5. training in bfloat16 autocast, timed beside step 3's float32
 grid=$([ "$rehearse" = 1 ] && echo tiny || echo full)
-step benchmark 60 python3 -m bench.gpu_search --grid "$grid" --name gpu_search --seconds $((deadline - SECONDS - 60)) &&
-    cp bench/results/gpu_search.json bench/results/gpu_search.md "$out/"
+name=$([ "$rehearse" = 1 ] && echo gpu_search-rehearsal || echo gpu_search)
+step benchmark 60 python3 -m bench.gpu_search --grid "$grid" --name "$name" --seconds $((deadline - SECONDS - 60)) &&
+    cp "bench/results/$name.json" "bench/results/$name.md" "$out/"
+if [ "$rehearse" = 1 ]; then rm -f "bench/results/$name.json" "bench/results/$name.md"; fi  # bench/results/ as it was
 step train-bfloat16 150 python3 train.py --data "$data" --device "$device" --precision bfloat16 "${small[@]}" \
     --out $runs/model-bfloat16.pt
 
