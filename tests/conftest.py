@@ -1,7 +1,14 @@
 """Fixtures shared by the test modules."""
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# The scripts the tests start run on one thread: their numbers then do not depend on what the tests
+# running beside them (pytest -n) keep busy, which cpu.Threads would count. This process's torch read
+# its thread count when it loaded and keeps it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import knnlm
 from knnlm_tools import datastores
