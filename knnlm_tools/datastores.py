@@ -77,7 +77,7 @@ def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, comm
     if done["rows"] != (windows[skip - 1][1] if skip else first_row):
         raise KnnlmError(f"{progress_path} records {done['rows']:,} rows, not the end of a window: "
                          f"delete {out_dir} and build again")
-    fresh = not any(f.startswith("progress") for f in os.listdir(out_dir)) if os.path.isdir(out_dir) else True
+    fresh = not progress_files(out_dir)
     barrier()  # every shard has looked before the first one creates the files
     if shard == 0 and fresh:
         os.makedirs(out_dir, exist_ok=True)
@@ -120,12 +120,17 @@ def progress_file(out_dir, shard, shards):
     return os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{shard}.json")
 
 
+def progress_files(out_dir):
+    """The progress files of a build begun in out_dir and not finished, sorted; [] if none."""
+    return sorted(f for f in os.listdir(out_dir) if f.startswith("progress")) if os.path.isdir(out_dir) else []
+
+
 def recorded_precision(out_dir):
     """The precision of the datastore built or begun in out_dir (its manifest's), None if there is none:
     what --precision auto continues with, so that adding the index or resuming is not refused."""
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         return Manifest.read(out_dir)[0].precision
-    begun = sorted(f for f in os.listdir(out_dir) if f.startswith("progress")) if os.path.isdir(out_dir) else []
+    begun = progress_files(out_dir)
     if begun:
         manifest = read_json(os.path.join(out_dir, begun[0]), {"manifest": dict})["manifest"]
         return {**WRITTEN_BEFORE, **manifest}["precision"]
@@ -163,7 +168,7 @@ class DiskDatastore(knnlm.Datastore):
             if pid := writer_pid(path, directory=True):
                 raise KnnlmError(f"the datastore in {path} is being built now (by process {pid}): "
                                  "wait for the build to finish")
-            unfinished = os.path.isdir(path) and any(f.startswith("progress") for f in os.listdir(path))
+            unfinished = bool(progress_files(path))
             raise KnnlmError(f"the datastore build in {path} was interrupted: rerun build_datastore.py with the "
                              "same arguments to finish it" if unfinished else
                              f"no datastore at {path} (no meta.json): build one with build_datastore.py")

@@ -11,7 +11,7 @@ import torch
 
 import knnlm
 from knnlm_tools import checkpoints, cpu, datastores, search
-from helpers import clustered_keys, run, tiny_model, untrained_work, write_corpus, write_datastore
+from helpers import ROOT, clustered_keys, run, tiny_model, untrained_work, write_corpus, write_datastore
 
 
 def test_threads_left_keeps_at_least_one():
@@ -107,7 +107,7 @@ def test_the_times_file_names_what_each_library_ran():
     pytest.importorskip("faiss")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "FAISS_SIMD_LEVEL": "AVX2"}
     out = subprocess.run([sys.executable, "-m", "knnlm_tools.cpu", "train 75"], env=env, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         check=True, cwd=ROOT)
     assert out.stdout.split("\n")[0].split() == ["train", "1", "min", "15", "s"]
     assert "torch uses AVX2; native bfloat16: no" in out.stdout and "FAISS's: AVX2)" in out.stdout, out.stdout
 
@@ -186,12 +186,11 @@ def test_knnlm_mkl_avx2_loaded_first_makes_mkl_take_its_intel_path():
             "a, b = torch.randn(300, 256, generator=g), torch.randn(256, 500, generator=g); "
             "error = (a @ b).double() - a.double() @ b.double(); "  # within float32's bound for 256-term sums
             "assert (error.abs() <= 256 * 2 ** -24 * (a.abs() @ b.abs()).double()).all(); print(cpu.mkl_path())")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     banners = {"AVX2 (knnlm_mkl_avx2)": "(Intel(R) AVX2) enabled processors",
                "AVX-512 (knnlm_mkl_avx2)": "(Intel(R) AVX-512)"}
     for preload, limit in ((library, ""), ("", ""), (library, "AVX2")):  # AVX2: MKL held there, as on an AVX2 CPU
         env = {**os.environ, "LD_PRELOAD": preload, "MKL_VERBOSE": "1", "MKL_ENABLE_INSTRUCTIONS": limit}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
         lines = out.stdout.splitlines()
         path = lines[-1]
         assert path in banners if preload else path == "its own choice"
