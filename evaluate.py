@@ -106,7 +106,10 @@ def score(split):
 
 
 def lower(ppl, lm_ppl):
-    return f"{100 * (1 - ppl / lm_ppl):.1f}% lower" if math.isfinite(ppl) and math.isfinite(lm_ppl) else "infinite"
+    if not (math.isfinite(ppl) and math.isfinite(lm_ppl)):
+        return "infinite"
+    change = 100 * (1 - ppl / lm_ppl)
+    return f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% higher"
 
 
 caches = {}

@@ -4,6 +4,7 @@ the inputs, signals and consoles that used to end in a traceback."""
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -359,6 +360,12 @@ def test_an_infinite_perplexity_is_not_a_percentage(work):
     root, data = work
     out = run("evaluate.py", "--data", data, "--k", "1", "--lambda", "1", cwd=root).stdout
     assert "(infinite)" in out and "inf%" not in out
+
+
+def test_a_perplexity_above_the_lms_is_said_higher_not_negative_lower(work):
+    root, data = work
+    out = run("evaluate.py", "--data", data, "--k", "1", "--lambda", "0.9", cwd=root).stdout
+    assert re.search(r"kNN-LM ppl [0-9.]+ \([0-9.]+% higher\)", out) and "-" not in out.split("kNN-LM ppl")[1].split(")")[0]
 
 
 def test_a_half_built_index_is_reported_as_interrupted(work, tmp_path):
