@@ -192,6 +192,9 @@ def load(spec, device="cpu", window=None):
     """-> (HuggingFaceLM in eval mode, TokenizerVocab, {"config", "fingerprint"}) of a model directory or hub name."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise KnnlmError(f"{spec} is a directory without config.json: not a model written by save_pretrained "
+                         "(--checkpoint takes that, a hub name, or a .pt file of train.py)")
     with quiet():
         config = hub_call(spec, AutoConfig.from_pretrained, spec)
     archs = config.architectures or []

@@ -200,6 +200,8 @@ def test_bad_models_and_windows_get_one_line(hf, tmp_path):
     shutil.copytree(dirs["gpt2"], no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     with pytest.raises(KnnlmError, match="has no tokenizer"):
         huggingface.load(str(no_tokenizer))
+    with pytest.raises(KnnlmError, match="is a directory without config.json: not a model written by save_pretrained"):
+        huggingface.load(str(tmp_path))  # e.g. the data directory given by mistake
     with pytest.raises(KnnlmError, match=f"--window 64 is longer than the context of .* \\({CONTEXT} tokens\\)"):
         huggingface.load(dirs["gpt2"], window=64)
     huge = tmp_path / "huge"  # a config too large for any machine; its weights are never written or read

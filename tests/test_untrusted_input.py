@@ -72,6 +72,14 @@ def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(work, tmp_path
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_a_text_file_given_as_the_checkpoint_is_not_called_dangerous(work):
+    root, data = work
+    text = os.path.join(data, "wiki.test.tokens")
+    result = run("evaluate.py", "--data", data, "--checkpoint", text, cwd=root, check=False)
+    fails(result, f"cannot read checkpoint {text}: not a file that torch.save writes")
+    assert "could run code" not in result.stderr
+
+
 @pytest.mark.parametrize("script, args", [("build_datastore.py", ["--out", "ds"]), ("sample.py", []),
                                           ("train.py", ["--resume", "--preset", "tiny"])])
 def test_no_script_loads_a_checkpoint_that_carries_code(work, tmp_path, script, args):
