@@ -8,7 +8,10 @@
 # AVX2 machine's. The times file's last line names what each library ran.
 #
 #   bash bench/avx2_paths.sh [DATA_DIR]
+#   bash bench/avx2_paths.sh -- COMMAND...    any other command on those paths, e.g. the tests:
+#   bash bench/avx2_paths.sh -- python -m pytest -n auto
 set -euo pipefail
 export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
     FAISS_SIMD_LEVEL=AVX2 OPENBLAS_CORETYPE=Haswell
+if [ "${1:-}" = "--" ]; then shift; exec "$@"; fi
 exec bash "$(dirname "$0")/../run.sh" "$@"
