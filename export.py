@@ -15,8 +15,9 @@ import argparse
 
 from knnlm_tools import checkpoints, gpt2, cli
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=[cli.arguments("checkpoint")])
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--checkpoint", default="runs/model.pt",
+                    help="the checkpoint of train.py to convert (default: %(default)s)")
 parser.add_argument("--out", required=True, help="the model directory to write (must not exist, or be empty)")
 args = parser.parse_args()
 

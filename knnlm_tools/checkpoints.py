@@ -87,6 +87,8 @@ def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode, vocab, the whole checkpoint dict). Only tensors and plain data are
     read (torch.load's weights_only): a checkpoint is a pickle, and a pickle of any other object
     can run code as it is loaded; such a file is refused before anything in it runs."""
+    if os.path.isdir(path):
+        raise KnnlmError(f"{path} is a directory, not a checkpoint file of train.py")
     if not os.path.isfile(path):
         raise KnnlmError(f"no checkpoint at {path}: train one with train.py (or pass --checkpoint)")
     try:

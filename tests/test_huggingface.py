@@ -177,6 +177,8 @@ def test_the_project_model_exported_gives_the_same_numbers_and_keys(work):
         datastores.DiskDatastore(str(root / "runs" / "datastore")).check_model(model, vocab)
     with pytest.raises(KnnlmError, match="already exists"):
         gpt2.export_gpt2(*checkpoints.load_checkpoint(str(root / "runs" / "model.pt"))[:2], str(root / "model-hf"))
+    fails(run("export.py", "--checkpoint", root / "model-hf", "--out", root / "again", cwd=root, check=False),
+          f"{root / 'model-hf'} is a directory, not a checkpoint file of train.py")  # export converts train.py's only
 
 
 def test_a_model_that_is_not_a_causal_lm_is_refused(hf):
