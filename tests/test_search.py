@@ -4,6 +4,8 @@ when present, the GPU."""
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +291,38 @@ def test_cuda_kernel_compiles_with_plain_nvcc(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert os.path.getsize(tmp_path / "topk_l2_cuda.o") > 0
+
+
+def test_the_kernels_build_without_openmp_and_give_the_same_neighbours(tmp_path):
+    """A compiler that refuses -fopenmp (Apple's clang) still builds the kernels: on one thread, the
+    same neighbours and distances as the OpenMP build."""
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    for name, real in (("c++", shutil.which("c++") or shutil.which("g++")), ("cc", shutil.which("cc") or shutil.which("gcc"))):
+        (wrappers / name).write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "{name}: error: '
+                                     f"unsupported option '-fopenmp'\" >&2; exit 1; }}; done\nexec {real} \"$@\"\n")
+        (wrappers / name).chmod(0o755)
+    tree, root = tmp_path / "tree", Path(ROOT)
+    shutil.copytree(root / "csrc", tree / "csrc")
+    shutil.copytree(root / "knnlm_tools", tree / "knnlm_tools", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("setup.py", "knnlm.py"):
+        shutil.copy(root / f, tree)
+    cc = str(wrappers / "cc")
+    env = {**os.environ, "CXX": str(wrappers / "c++"), "CC": cc, "LDSHARED": f"{cc} -shared",
+           "LDCXXSHARED": f"{wrappers / 'c++'} -shared", "KNNLM_CUDA": "0"}
+    built = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "does not take -fopenmp: the C++ kernels will run on one thread" in built.stdout
+    library = next(tree.glob("knnlm_ext*.so"))
+    assert b"GOMP_parallel" not in library.read_bytes()
+    check = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import knnlm_ext; "
+             "assert knnlm_ext.__file__.startswith(sys.argv[1]); g = torch.Generator().manual_seed(0); "
+             "q, k = torch.randn(300, 24, generator=g), torch.randn(5000, 24, generator=g).half(); "
+             "n = q.new_tensor(k.float().pow(2).sum(1)); "
+             "torch.save(torch.ops.knnlm.topk_l2(q, k, 64, n), sys.argv[2])")
+    for name, where in (("alone", tree), ("openmp", ROOT)):
+        subprocess.run([sys.executable, "-c", check, str(where), str(tmp_path / f"{name}.pt")], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=120)
+    (dists, ids), (dists_omp, ids_omp) = (torch.load(tmp_path / f"{n}.pt") for n in ("alone", "openmp"))
+    assert torch.equal(ids, ids_omp) and torch.equal(dists, dists_omp)
