@@ -14,6 +14,7 @@ The CUDA kernel is built too when torch is a CUDA build and a CUDA toolkit is fo
 KNNLM_CUDA=1 forces it, KNNLM_CUDA=0 skips it.
 """
 import os
+import shlex
 import subprocess
 import tempfile
 
@@ -28,7 +29,7 @@ def compiler_takes_openmp():
         source = os.path.join(tmp, "omp.cpp")
         with open(source, "w") as f:
             f.write("#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n")
-        command = [get_cxx_compiler(), "-fopenmp", "-fPIC", "-shared", source, "-o", os.path.join(tmp, "omp.so")]
+        command = [*shlex.split(get_cxx_compiler()), "-fopenmp", "-fPIC", "-shared", source, "-o", os.path.join(tmp, "omp.so")]
         try:
             return subprocess.run(command, capture_output=True).returncode == 0
         except OSError:
