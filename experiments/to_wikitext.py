@@ -26,23 +26,30 @@ from knnlm_tools import files, cli
 NUMBER_SEPARATOR = re.compile(r"(?<=\d)([,.])(?=\d)")
 
 
-def documents(paths, separator=None):
-    """Yield each document of the files (directories: the regular files inside, sorted) as a list of paragraphs."""
+def documents(paths, separator=None, skipped=None):
+    """Yield each document of the files (directories: the regular files inside, sorted) as a list of paragraphs.
+    A file named in paths must be UTF-8 text; one found in a directory that is not (e.g. a binary index beside
+    the texts) is left out and appended to `skipped`."""
     texts = []
     for path in paths:
         if os.path.isdir(path):
-            texts += sorted(os.path.join(path, f) for f in os.listdir(path)
+            texts += sorted((os.path.join(path, f), True) for f in os.listdir(path)
                             if os.path.isfile(os.path.join(path, f)) and not os.path.islink(os.path.join(path, f)))
         elif os.path.isfile(path):
-            texts.append(path)
+            texts.append((path, False))
         else:
             raise knnlm.KnnlmError(f"no such file or directory: {path}")
-    for file in texts:
+    for file, in_directory in texts:
         try:
             with open(file, encoding="utf-8") as f:
                 text = f.read()
-        except UnicodeDecodeError:
-            continue  # not text (e.g. a binary index beside the files)
+        except UnicodeDecodeError as e:
+            if not in_directory:
+                raise knnlm.KnnlmError(f"{file} is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x} at "
+                                       f"{e.start:,}); convert it first, e.g. with iconv") from None
+            if skipped is not None:
+                skipped.append(file)
+            continue
         parts = re.split(rf"^{re.escape(separator)}$", text, flags=re.M) if separator else [text]
         for part in parts:
             paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", part)]
@@ -58,7 +65,11 @@ def wikitext_line(paragraph, tokenizer):
 
 def convert(paths, out_dir, separator=None, valid=0.05, test=0.05, seed=0, lang="en"):
     """Write out_dir/wiki.{train,valid,test}.tokens; -> {split: number of documents}."""
-    docs = list(documents(paths, separator))
+    skipped = []
+    docs = list(documents(paths, separator, skipped))
+    if skipped:
+        print(f"left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} that {'are' if len(skipped) > 1 else 'is'} "
+              f"not UTF-8 text: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}")
     if len(docs) < 3:
         raise knnlm.KnnlmError(f"found {len(docs)} documents in {' '.join(paths)}: a train, valid and test split "
                                "need at least 3 (is --separator right?)")

@@ -108,6 +108,17 @@ def test_raw_text_is_converted_into_the_wikitext_format(tmp_path):
         to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out2"))  # one file, no separator: 1 document
 
 
+def test_a_file_that_is_not_utf8_is_refused_when_named_and_said_when_left_out(tmp_path, capsys):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.txt").write_text(RAW)
+    (tmp_path / "raw" / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me.\n".encode("latin-1"))
+    with pytest.raises(knnlm.KnnlmError, match=r"latin1.txt is not UTF-8 text .*byte 0xe9 at 3\)"):
+        list(to_wikitext.documents([str(tmp_path / "raw" / "latin1.txt")]))
+    counts = to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out"), separator="%", valid=0.3, test=0.3)
+    assert counts == {"valid": 1, "test": 1, "train": 1}
+    assert f"left out 1 file that is not UTF-8 text: {tmp_path / 'raw' / 'latin1.txt'}" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- every analysis from its command
 
 @pytest.fixture(scope="module")
