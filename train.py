@@ -133,6 +133,11 @@ with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_p
     # model
     cfg = knnlm.ModelConfig(vocab_size=len(vocab), block_size=block_size, n_layer=n_layer, n_head=n_head,
                             d_model=d_model, dropout=args.dropout)
+    need, free = cpu.training_memory(cfg, args.batch_size, args.device), cpu.memory_free(args.device)
+    if free is not None and need > free:
+        raise knnlm.KnnlmError(f"a training step of --preset {args.preset} with --batch-size {args.batch_size} "
+                               f"needs at least {need / 1e9:,.1f} GB, more than the {free / 1e9:,.1f} GB free on "
+                               f"{args.device}: lower --batch-size, or pick a smaller --preset")
     model = knnlm.TransformerLM(cfg).to(args.device)
     threads = cpu.Threads().follow(model)
     masks = "knnlm.bernoulli_" if cpu.exact_bernoulli() else "torch's bernoulli_"  # the same bits, faster

@@ -1,6 +1,7 @@
 """
-What the CPU can give a run: how many threads, whether it computes in bfloat16, its memory's
-pages kept from one step to the next, MKL's kernels and dropout's masks.
+What the CPU can give a run: how many threads, whether it computes in bfloat16, its memory (how
+much is free, what a training step needs of it, its pages kept from one step to the next), MKL's
+kernels and dropout's masks.
 
 Threads: torch runs one thread per core, and its threads wait for each other at every
 operation, so a single busy process beside it on a 2-core machine slows it 2-3x. Threads()
@@ -34,6 +35,36 @@ import torch
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 MOST_THREADS = torch.get_num_threads()  # torch's own choice, one per core, before any Threads() changes it
+
+
+# -----------------------------------------------------------------------------
+# Memory: how much is free, and what a training step needs, known before it runs
+
+def memory_free(device="cpu"):
+    """Bytes free on device: the GPU's free memory, or the kernel's MemAvailable (None where unknown)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def training_memory(cfg, batch_size, device="cpu"):
+    """Bytes that a training step of knnlm.TransformerLM(cfg) on batch_size windows needs at least, counted
+    from what it must hold at once: the weights, their gradients and AdamW's two moments (16 bytes a
+    parameter); for each token, its logits, their log-softmax and its gradient (12 bytes a word of the
+    vocabulary); in each layer, the activations kept for the backward pass (32 bytes per d_model, as
+    many as bfloat16 autocast keeps; float32 keeps more) and, on the CPU with dropout, the attention's
+    weights, their dropped copy and the mask (13 bytes per head and position: there torch computes an
+    attention with dropout without its fused kernel). A lower bound: the step needs more."""
+    import knnlm
+    with torch.device("meta"):  # the parameters counted, not allocated
+        parameters = sum(p.numel() for p in knnlm.TransformerLM(cfg).parameters())
+    attention = 13 * cfg.n_head * cfg.block_size if torch.device(device).type == "cpu" and cfg.dropout > 0 else 0
+    per_token = 12 * cfg.vocab_size + cfg.n_layer * (32 * cfg.d_model + attention)
+    return 16 * parameters + batch_size * cfg.block_size * per_token
 
 
 # -----------------------------------------------------------------------------

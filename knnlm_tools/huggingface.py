@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import knnlm
 from knnlm import KnnlmError
+from knnlm_tools import cpu
 
 KEY_TYPES = {
     "ffn_in_ln": "input of the last layer's feed-forward block, after its LayerNorm (a forward hook; the paper's best)",
@@ -280,17 +281,6 @@ class quiet(warnings.catch_warnings):
         return super().__exit__(*exc)
 
 
-def memory_free(device):
-    """Bytes free for the weights on device (None where unknown)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-
-
 def check_memory(spec, config, device):
     """Refuse, before loading, a model whose float32 weights alone do not fit in the memory free on device."""
     from transformers import AutoModelForCausalLM
@@ -299,7 +289,7 @@ def check_memory(spec, config, device):
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         except Exception:  # a config the estimate cannot build: the load will say what is wrong
             return
-    free = memory_free(device)
+    free = cpu.memory_free(device)
     if free is not None and 4 * n > free:
         raise KnnlmError(f"{spec} has {n / 1e9:.1f} B parameters: {4 * n / 1e9:,.1f} GB in float32, more than the "
                          f"{free / 1e9:,.1f} GB free on {device}")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import knnlm
-from knnlm_tools import files, checkpoints, manifests, datastores
+from knnlm_tools import files, checkpoints, cpu, manifests, datastores
 from helpers import ROOT, default_sigint, fails, run, tiny_model, write_corpus
 
 
@@ -649,6 +649,26 @@ def test_a_batch_size_below_one_is_refused(work, script, value):
     root, data = work
     fails(run(script, "--data", data, "--batch-size", value, cwd=root, check=False),
           "argument --batch-size: must be a positive integer")
+
+
+def test_a_training_step_too_big_for_the_memory_is_refused_before_it_runs(work, tmp_path):
+    root, data = work
+    out = tmp_path / "model.pt"
+    result = run("train.py", "--data", data, "--preset", "tiny", "--batch-size", 10 ** 8, "--out", out, cwd=root,
+                 check=False)
+    fails(result, "a training step of --preset tiny with --batch-size 100000000 needs at least ")
+    assert "GB free on cpu: lower --batch-size" in result.stderr and not out.exists()
+
+
+def test_the_training_memory_bound_counts_what_a_step_must_hold():
+    cfg = knnlm.ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=8, dropout=0.1)
+    parameters = sum(p.numel() for p in knnlm.TransformerLM(cfg).parameters())
+    assert cpu.training_memory(cfg, 0) == 16 * parameters  # weights, gradients, AdamW's two moments
+    per_token = 12 * 100 + 2 * (32 * 8 + 13 * 2 * 16)  # logits thrice; each layer's activations and attention
+    assert cpu.training_memory(cfg, 3) == 16 * parameters + 3 * 16 * per_token
+    assert cpu.training_memory(cfg, 3, "cuda") == 16 * parameters + 3 * 16 * (12 * 100 + 2 * 32 * 8)  # fused attention
+    no_dropout = knnlm.ModelConfig(**{**cfg.__dict__, "dropout": 0.0})
+    assert cpu.training_memory(no_dropout, 3) == cpu.training_memory(cfg, 3, "cuda")
 
 
 @pytest.mark.parametrize("script, flag", [("train.py", "--max-iters"), ("build_datastore.py", "--train-size"),
