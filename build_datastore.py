@@ -80,6 +80,9 @@ with cli.user_errors(interrupted), files.writing(args.out, directory=True) if ra
     min_context = knnlm.resolve_min_context(args.min_context, model.cfg.block_size)
     path = knnlm.split_path(corpora.resolve_corpus(args.data), args.split)
     tokens = vocab.encode_file(path)
+    if args.index:  # a factory, sample or shard count the index cannot take is refused before the datastore's pass
+        faiss_index.check_plan(len(tokens) - 1, model.cfg.d_model, args.factory, args.train_size,
+                               args.index_shards or world)
     print(f"{path}: {len(tokens):,} tokens -> {len(tokens) - 1:,} datastore entries of dimension {model.cfg.d_model}; "
           f"{precision}, {threads}")
     source = {"file": os.path.realpath(path), "split": args.split, "sha256": corpora.file_fingerprint(path),

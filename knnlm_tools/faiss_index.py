@@ -96,10 +96,9 @@ def write_index(index, path):
             raise KnnlmError(f"cannot write {path}: {faiss_message(e)}") from None
 
 
-def plan_index(datastore, factory=None, train_size=None, shards=1, seed=0, name="index"):
-    """Fix what the index will be, and write it down (name.plan.json) so that every shard
-    process, and a rerun after an interruption, builds the same index."""
-    n, d = len(datastore), datastore.meta.dim
+def check_plan(n, d, factory=None, train_size=None, shards=1):
+    """-> (factory, its IVF part, train_size) of an index of n keys of dimension d, or the one-line error
+    its build would end with: build_datastore.py --index asks before it builds the datastore."""
     factory = factory or knnlm.default_factory(n, d)
     _, ivf = empty_index(d, factory)
     train_size = index_train_size(n, ivf.nlist, train_size)
@@ -107,6 +106,14 @@ def plan_index(datastore, factory=None, train_size=None, shards=1, seed=0, name=
         raise KnnlmError(f"{factory} has {ivf.nlist} lists, more than the {train_size:,} keys to train them on")
     if not 1 <= shards <= n:
         raise KnnlmError(f"the number of index shards must be in [1, {n:,}], got {shards}")
+    return factory, ivf, train_size
+
+
+def plan_index(datastore, factory=None, train_size=None, shards=1, seed=0, name="index"):
+    """Fix what the index will be, and write it down (name.plan.json) so that every shard
+    process, and a rerun after an interruption, builds the same index."""
+    n, d = len(datastore), datastore.meta.dim
+    factory, ivf, train_size = check_plan(n, d, factory, train_size, shards)
     plan = {"datastore": index_manifest(datastore), "factory": factory,
             "train_size": train_size, "shards": shards, "seed": seed}
     for part, what in (("json", "the index"), ("plan.json", "the unfinished index build")):

@@ -11,7 +11,7 @@ import torch
 
 import knnlm
 from knnlm_tools import files, checkpoints, search, faiss_index, datastores
-from helpers import ROOT, clustered_keys, run, tiny_model, write_corpus, write_datastore
+from helpers import ROOT, clustered_keys, fails, run, tiny_model, write_corpus, write_datastore
 
 N, D = 20000, 64
 
@@ -213,6 +213,17 @@ def test_scripts_build_the_index_and_evaluate_with_it(work):
     result = run("evaluate.py", "--data", data, "--backend", "faiss", "--datastore", str(root / "nowhere"),
                  cwd=root, check=False)
     assert result.returncode == 2 and "no datastore at" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--factory", "IVF4,Nonsense"], "cannot make an IVF index of dimension 32"),
+                                           (["--factory", "IVF64,Flat", "--train-size", "10"], "more than the 10 keys"),
+                                           (["--index-shards", "10000000"], "index shards must be in [1, ")])
+def test_index_settings_it_cannot_take_are_refused_before_the_datastore_is_built(work, tmp_path, flags, message):
+    root, data = work
+    result = run("build_datastore.py", "--data", data, "--index", "--out", tmp_path / "ds", *flags, cwd=root,
+                 check=False)
+    fails(result, message)
+    assert "wrote" not in result.stdout and not (tmp_path / "ds" / "keys.npy").exists()
 
 
 def test_torchrun_two_processes_build_the_datastore_and_index_in_two_shards(work, tmp_path):
