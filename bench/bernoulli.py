@@ -50,6 +50,27 @@ def in_turn(fns, repeats, setups):
     return seconds
 
 
+def copies_in_turn(cfg, step, steps, setups):
+    """Two copies of knnlm.TransformerLM(cfg) from the same weights, each with its AdamW, stepped in turn
+    (in_turn, setups[name]() before each step): step(name, model, optimizer) is one training step, and
+    each copy's step n draws the same random numbers. -> ({name: seconds of each step}, whether the
+    copies' weights are still equal, bit for bit)."""
+    models, optimizers, done = {}, {}, {name: 0 for name in setups}
+    for name in setups:
+        torch.manual_seed(0)
+        models[name] = copy = knnlm.TransformerLM(cfg).train()
+        optimizers[name] = torch.optim.AdamW(copy.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def one_step(name):
+        torch.manual_seed(done[name])
+        done[name] += 1
+        step(name, models[name], optimizers[name])
+
+    runs = in_turn({name: lambda name=name: one_step(name) for name in setups}, steps, setups)
+    same = all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models.values())))
+    return runs, same
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/wikitext-103-small")
@@ -78,19 +99,8 @@ def main():
     cfg, precision = model.cfg, cpu.resolve_precision(args.precision, "cpu")
     tokens = vocab.encode_file(knnlm.split_path(corpora.resolve_corpus(args.data), "train"))
     x, y = batch_of(tokens, cfg.block_size, 8)
-    models, optimizers, steps = {}, {}, {name: 0 for name in names}
-    for name in names:
-        torch.manual_seed(0)
-        models[name] = copy = knnlm.TransformerLM(cfg).train()
-        optimizers[name] = torch.optim.AdamW(copy.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def step(name):
-        torch.manual_seed(steps[name])  # each copy's step n draws the same random numbers
-        steps[name] += 1
-        training_step(models[name], x, y, optimizers[name], precision)
-
-    runs = in_turn({name: lambda name=name: step(name) for name in names}, args.steps, names)
-    same = all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models.values())))
+    runs, same = copies_in_turn(cfg, lambda name, model, optimizer: training_step(model, x, y, optimizer, precision),
+                                args.steps, names)
     train = {name: statistics.median(s) for name, s in runs.items()}
     train["speedup"] = train["torch's bernoulli_"] / train["knnlm.bernoulli_"]
     record = {"command": "python -m bench.bernoulli " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import knnlm
 from bench import write_results
-from bench.bernoulli import ENVIRONMENT, in_turn, timed
+from bench.bernoulli import ENVIRONMENT, copies_in_turn, timed
 from bench.levers import batch_of
 from knnlm_tools import checkpoints, corpora, cpu
 
@@ -121,19 +121,9 @@ def main():
 
     tokens = vocab.encode_file(knnlm.split_path(corpora.resolve_corpus(args.data), "train"))
     x, y = batch_of(tokens, cfg.block_size, 8)
-    models, optimizers, steps = {}, {}, {name: 0 for name in losses}
-    for name in losses:
-        torch.manual_seed(0)
-        models[name] = copy = knnlm.TransformerLM(cfg).train()
-        optimizers[name] = torch.optim.AdamW(copy.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def step(name):
-        torch.manual_seed(steps[name])  # each copy's step n draws the same random numbers
-        steps[name] += 1
-        training_step(models[name], x, y, optimizers[name], precision, losses[name])
-
-    runs = in_turn({name: lambda name=name: step(name) for name in losses}, args.steps, {name: lambda: None for name in losses})
-    same = all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models.values())))
+    runs, same = copies_in_turn(cfg, lambda name, model, optimizer: training_step(model, x, y, optimizer, precision,
+                                                                                  losses[name]),
+                                args.steps, {name: lambda: None for name in losses})
     train = {name: statistics.median(s) for name, s in runs.items()}
     train["speedup"] = train["F.cross_entropy"] / train["fused backward"]
     record = {"command": "python -m bench.fused_cross_entropy " + " ".join(sys.argv[1:]),
