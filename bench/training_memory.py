@@ -23,8 +23,9 @@ CONFIGS = [(2, 4, 128, 64, 16, 13759, 0.2), (4, 4, 256, 256, 8, 13759, 0.2), (4,
            (2, 4, 512, 1024, 4, 1000, 0.2), (2, 16, 256, 1024, 4, 1000, 0.2), (2, 16, 256, 1024, 4, 1000, 0.0)]
 
 STEP = """
-import json, resource, sys, torch, torch.nn.functional as F
+import json, resource, sys, torch
 import knnlm
+from bench.levers import training_step
 from knnlm_tools import cpu
 n_layer, n_head, d, T, B, V, dropout, precision = json.loads(sys.argv[1])
 cpu.reuse_freed_memory(); cpu.exact_bernoulli()
@@ -34,9 +35,7 @@ model = knnlm.TransformerLM(cfg).train()
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 x, y = torch.randint(V, (B, T)), torch.randint(V, (B, T))
 for _ in range(2):
-    with cpu.autocast(precision, "cpu"):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+    training_step(model, x, y, optimizer, precision)
 print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "bound": cpu.training_memory(cfg, B)}))
 """
