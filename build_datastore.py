@@ -56,7 +56,7 @@ cpu.reuse_freed_memory()  # the big blocks of one step kept for the next: no pag
 if args.estimate:
     with cli.user_errors():
         n, d = args.estimate
-        factory, needs = faiss_index.index_estimate(n, d, args.factory, args.train_size)
+        factory, needs = faiss_index.index_estimate(n, d, args.factory, args.train_size, args.index_shards or 1)
     print(f"{n:,} keys of dimension {d}, index {factory}:")
     for what, size in needs.items():
         print(f"  {size / 1e9:10.2f} GB  {what}")

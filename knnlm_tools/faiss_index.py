@@ -55,12 +55,11 @@ def index_bytes(n, d, ivf):
     return n * (ivf.code_size + 8) + ivf.nlist * d * 4  # per key a code and an int64 id; the centroids
 
 
-def index_estimate(n, d, factory=None, train_size=None, k=1024):
-    """-> (factory, {what: bytes}) for a datastore of n keys of dimension d and its index."""
-    factory = factory or knnlm.default_factory(n, d)
-    _, ivf = empty_index(d, factory)
+def index_estimate(n, d, factory=None, train_size=None, shards=1, k=1024):
+    """-> (factory, {what: bytes}) for a datastore of n keys of dimension d and its index, or the
+    one-line error the index's build would end with."""
+    factory, ivf, sample = check_plan(n, d, factory, train_size, shards)
     index = index_bytes(n, d, ivf)
-    sample = index_train_size(n, ivf.nlist, train_size)
     return factory, {
         "disk: keys (float16) and values (int64)": n * (2 * d + 8),
         "disk: the index": index,

@@ -215,15 +215,23 @@ def test_scripts_build_the_index_and_evaluate_with_it(work):
     assert result.returncode == 2 and "no datastore at" in result.stderr
 
 
-@pytest.mark.parametrize("flags, message", [(["--factory", "IVF4,Nonsense"], "cannot make an IVF index of dimension 32"),
-                                           (["--factory", "IVF64,Flat", "--train-size", "10"], "more than the 10 keys"),
-                                           (["--index-shards", "10000000"], "index shards must be in [1, ")])
+IMPOSSIBLE_INDEXES = [(["--factory", "IVF4,Nonsense"], "cannot make an IVF index of dimension 32"),
+                      (["--factory", "IVF64,Flat", "--train-size", "10"], "more than the 10 keys"),
+                      (["--index-shards", "10000000"], "index shards must be in [1, ")]
+
+
+@pytest.mark.parametrize("flags, message", IMPOSSIBLE_INDEXES)
 def test_index_settings_it_cannot_take_are_refused_before_the_datastore_is_built(work, tmp_path, flags, message):
     root, data = work
     result = run("build_datastore.py", "--data", data, "--index", "--out", tmp_path / "ds", *flags, cwd=root,
                  check=False)
     fails(result, message)
     assert "wrote" not in result.stdout and not (tmp_path / "ds" / "keys.npy").exists()
+
+
+@pytest.mark.parametrize("flags, message", IMPOSSIBLE_INDEXES)
+def test_an_estimate_of_an_index_it_cannot_build_is_refused_as_the_build_would_be(flags, message):
+    fails(run("build_datastore.py", "--estimate", "1000", "32", *flags, cwd=ROOT, check=False), message)
 
 
 def test_torchrun_two_processes_build_the_datastore_and_index_in_two_shards(work, tmp_path):
