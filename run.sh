@@ -14,10 +14,33 @@
 # for 150 steps, its datastore over the whole training split, and valid and test scored on
 # their first 20,000 tokens; the numbers go to results/<name of DATA_DIR>-quick.json.
 set -euo pipefail
+usage="usage: bash run.sh [--quick] [DATA_DIR]"
+quick=0 data=
+for arg in "$@"; do
+    case $arg in
+        --quick) quick=1 ;;
+        -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "run.sh: unknown option $arg ($usage)" >&2; exit 2 ;;
+        *) if [ -n "$data" ]; then echo "run.sh: one DATA_DIR, got $data and $arg ($usage)" >&2; exit 2; fi
+           data=${arg%/} ;;
+    esac
+done
+caller=$PWD
 cd "$(dirname "$0")"
-quick=0
-if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
-data=${1:-data/wikitext-103-small}
+if [ -n "$data" ] && [ "${data#/}" = "$data" ] && [ "$caller" != "$PWD" ]; then data="$caller/$data"; fi  # as the caller meant it
+check_data() {  # before installing anything: a DATA_DIR without the three splits ends here, in train.py's words
+    # (a missing directory named wikitext-103, wikitext-2 or wikitext-103-small is downloaded instead)
+    local split missing=() list
+    case $(basename "$data") in wikitext-103|wikitext-2|wikitext-103-small) [ -d "$data" ] || return 0 ;; esac
+    for split in train valid test; do [ -f "$data/wiki.$split.tokens" ] || missing+=("$data/wiki.$split.tokens"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        printf -v list '%s, ' "${missing[@]}"
+        echo "error: $data is not a WikiText corpus directory: missing ${list%, }" >&2
+        exit 2
+    fi
+}
+data=${data:-data/wikitext-103-small}
+check_data
 name=$(basename "$data")$([ "$quick" = 1 ] && echo -quick || true)
 times=()
 mkl_avx2() {  # MKL multiplies torch's float32 matrices with its AVX2 (AVX-512) kernels only on a CPU it takes for

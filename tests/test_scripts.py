@@ -1,8 +1,9 @@
 """The three scripts end to end, as a user runs them, on a corpus the test writes."""
 import json
 import os
+import subprocess
 
-from helpers import run, write_corpus
+from helpers import ROOT, run, write_corpus
 
 
 def test_train_build_datastore_evaluate(tmp_path):
@@ -22,3 +23,21 @@ def test_train_build_datastore_evaluate(tmp_path):
     assert results["datastore_size"] == meta["count"] and results["k"] == 64
     # λ tuned on valid can always fall back to 0, so kNN-LM is never worse than the LM on valid
     assert results["knnlm_ppl"]["valid"] <= results["lm_ppl"]["valid"]
+
+
+def test_run_sh_refuses_bad_arguments_before_installing_anything(tmp_path):
+    """run.sh's own arguments are checked first, in one line, before minutes of installing and compiling;
+    a relative DATA_DIR is the caller's, not the repository's."""
+    def run_sh(*args):
+        return subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+    usage = run_sh("--help")
+    assert usage.returncode == 0 and "bash run.sh [--quick] [DATA_DIR]" in usage.stdout
+    (tmp_path / "notes").mkdir()
+    for args, message in [(["--bogus"], "run.sh: unknown option --bogus"),
+                          (["--quick", "a", "b"], "run.sh: one DATA_DIR, got a and b"),
+                          (["notes"], f"error: {tmp_path}/notes is not a WikiText corpus directory: missing "
+                                      f"{tmp_path}/notes/wiki.train.tokens, {tmp_path}/notes/wiki.valid.tokens")]:
+        result = run_sh(*args)
+        assert (result.returncode, result.stdout) == (2, ""), (args, result.stdout, result.stderr)  # pip said nothing
+        assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr
