@@ -104,4 +104,4 @@ with cli.user_errors(interrupted), files.writing(args.out, directory=True) if ra
         barrier()
         if rank == 0:
             faiss_index.merge_index(datastore, plan)
-            print(f"wrote the index {plan['factory']} of {args.out} ({plan['shards']} shards)")
+            print(f"wrote the index {plan['factory']} of {args.out} ({plan['shards']} shard{'s' if plan['shards'] > 1 else ''})")
