@@ -22,7 +22,7 @@ for arg in "$@"; do
         -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) echo "run.sh: unknown option $arg ($usage)" >&2; exit 2 ;;
         *) if [ -n "$data" ]; then echo "run.sh: one DATA_DIR, got $data and $arg ($usage)" >&2; exit 2; fi
-           data=${arg%/} ;;
+           data=$arg; [ "$data" = / ] || data=${data%/} ;;
     esac
 done
 caller=$PWD
