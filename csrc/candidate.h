@@ -28,8 +28,8 @@ inline int64_t candidate_id(uint64_t c) { return int64_t(c & 0xffffffffu); }
 
 // Sorts candidates c[0, n) ascending, as std::sort would (they are distinct integers), with
 // spare as scratch: a radix sort, least significant byte first, that skips the bytes all of
-// them share (an id's high bytes, most often a distance's exponent). For n = 1024 about 5x
-// faster than std::sort; below 256 candidates std::sort is the faster.
+// them share (an id's high bytes, most often a distance's exponent). Faster than std::sort on the
+// main job's 1024 (bench/results/rerank_sort.md); below 256 candidates std::sort is used.
 inline void sort_candidates(uint64_t* c, int64_t n, std::vector<uint64_t>& spare) {
   if (n < 256) {
     std::sort(c, c + n);

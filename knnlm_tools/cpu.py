@@ -4,16 +4,17 @@ much is free, what a training step needs of it, its pages kept from one step to 
 kernels and dropout's masks.
 
 Threads: torch runs one thread per core, and its threads wait for each other at every
-operation, so a single busy process beside it on a 2-core machine slows it 2-3x. Threads()
+operation, so a single busy process beside it on a 2-core machine slows it several times over
+(bench/results/levers.md, lever 5). Threads()
 watches how much of the machine other processes use (the CPU time /proc/stat counts on
 our CPUs, less this process's own) and runs on what is left, looking again every few
 seconds: a busy neighbour that comes or goes is followed. A search is coarser work, whose
 threads seldom wait: every_core() runs it on every core even beside a busy process.
 OMP_NUM_THREADS, when set, is obeyed instead.
 
-bfloat16: autocast to bfloat16 is 1.5-2.3x faster where the CPU has the instructions
-(AVX512-BF16 or AMX) and far slower where oneDNN has to emulate them (AVX2), so "auto"
-asks torch's own CPU feature detection (cpuinfo) at run time.
+bfloat16: autocast to bfloat16 is faster where the CPU has the instructions (AVX512-BF16 or
+AMX; bench/results/levers-avx512.md, lever 4) and far slower where oneDNN has to emulate them
+(AVX2), so "auto" asks torch's own CPU feature detection (cpuinfo) at run time.
 
 MKL: torch's float32 matrix products run in Intel's MKL, which takes its AVX2 and AVX-512 kernels
 only on a CPU it believes is Intel's. On an AMD CPU with AVX2, run.sh loads knnlm_mkl_avx2 first
@@ -72,9 +73,9 @@ def training_memory(cfg, batch_size, device="cpu"):
 
 def reuse_freed_memory():
     """Keep freed blocks in the process's heap (glibc: no mmap, no trim). By default glibc returns every
-    block over 32 MiB to the kernel when freed, and the next step's logits ([tokens, vocabulary] floats,
-    113 MB for the main model) fault their pages in again: about 100,000 page faults a training step,
-    a tenth of its time here. A few hundred MB more stay resident. Nothing changes off glibc."""
+    block over 32 MiB to the kernel when freed, and the next step's logits ([tokens, vocabulary] floats)
+    fault their pages in again, every step (bench/results/levers.md, lever 3, measures what that
+    costs). A few hundred MB more stay resident. Nothing changes off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
@@ -195,8 +196,9 @@ def bernoulli_agrees(draw):
 
 def exact_bernoulli(install=True):
     """Dropout draws its masks with torch's bernoulli_, which on a CPU that is not Intel's draws every
-    element through the generator's mt19937 one call at a time: a third of a bfloat16 training step.
-    knnlm.bernoulli_ (csrc/bernoulli.cpp) draws the same numbers in blocks, 6x faster. This makes it
+    element through the generator's mt19937 one call at a time, a large part of a training step.
+    knnlm.bernoulli_ (csrc/bernoulli.cpp) draws the same numbers in blocks, several times faster
+    (bench/results/bernoulli.md). This makes it
     torch's bernoulli_(p) on the CPU for the rest of the process (an override of aten::bernoulli_.float,
     which every dropout calls), where the kernel is built and draws exactly what torch's own does
     here, checked first; elsewhere (on an Intel CPU, where torch draws with MKL) nothing changes.
