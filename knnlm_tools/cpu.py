@@ -3,14 +3,13 @@ What the CPU can give a run: how many threads, whether it computes in bfloat16, 
 much is free, what a training step needs of it, its pages kept from one step to the next), MKL's
 kernels and dropout's masks.
 
-Threads: torch runs one thread per core, and its threads wait for each other at every
-operation, so a single busy process beside it on a 2-core machine slows it several times over
-(bench/results/levers.md, lever 5). Threads()
-watches how much of the machine other processes use (the CPU time /proc/stat counts on
-our CPUs, less this process's own) and runs on what is left, looking again every few
-seconds: a busy neighbour that comes or goes is followed. A search is coarser work, whose
-threads seldom wait: every_core() runs it on every core even beside a busy process.
-OMP_NUM_THREADS, when set, is obeyed instead.
+Threads: torch runs one thread per core, and its threads wait for each other at every operation,
+so a single busy process beside it on a 2-core machine slows it several times over
+(bench/results/levers.md, lever 5). Threads() watches how much of the machine other processes use
+(the CPU time /proc/stat counts on our CPUs, less this process's own) and runs on what is left,
+looking again every few seconds: a busy neighbour that comes or goes is followed. A search is
+coarser work, whose threads seldom wait: every_core() runs it on every core even beside a busy
+process. OMP_NUM_THREADS, when set, is obeyed instead.
 
 bfloat16: autocast to bfloat16 is faster where the CPU has the instructions (AVX512-BF16 or
 AMX; bench/results/levers-avx512.md, lever 4) and far slower where oneDNN has to emulate them
@@ -198,11 +197,11 @@ def exact_bernoulli(install=True):
     """Dropout draws its masks with torch's bernoulli_, which on a CPU that is not Intel's draws every
     element through the generator's mt19937 one call at a time, a large part of a training step.
     knnlm.bernoulli_ (csrc/bernoulli.cpp) draws the same numbers in blocks, several times faster
-    (bench/results/bernoulli.md). This makes it
-    torch's bernoulli_(p) on the CPU for the rest of the process (an override of aten::bernoulli_.float,
-    which every dropout calls), where the kernel is built and draws exactly what torch's own does
-    here, checked first; elsewhere (on an Intel CPU, where torch draws with MKL) nothing changes.
-    -> whether it is installed. install=False takes the override away."""
+    (bench/results/bernoulli.md). This makes it torch's bernoulli_(p) on the CPU for the rest of the
+    process (an override of aten::bernoulli_.float, which every dropout calls), where the kernel is
+    built and draws exactly what torch's own does here, checked first; elsewhere (on an Intel CPU,
+    where torch draws with MKL) nothing changes. -> whether it is installed. install=False takes the
+    override away."""
     global _bernoulli_override
     if not install:
         if _bernoulli_override is not None:
