@@ -28,7 +28,9 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 
@@ -248,7 +250,11 @@ def weights_fingerprint(model, vocab):
 
 
 def hub_call(spec, load_fn, *args, **kwargs):
-    """A transformers loader, its failures as one line (a hub name without the internet: say to pass a directory)."""
+    """A transformers loader, its failures as one line (a hub name without the internet: say to pass a directory).
+    A hub name with the hub out of reach is read from the local cache only (local_files_only): a model cached
+    before loads at once, any other fails at once, instead of after half a minute of the hub's retries."""
+    if not os.path.isdir(spec) and hub_unreachable():
+        kwargs["local_files_only"] = True
     try:
         return load_fn(*args, **kwargs)
     except OSError as e:
@@ -259,6 +265,18 @@ def hub_call(spec, load_fn, *args, **kwargs):
                          f"written by save_pretrained ({first_line(e)})") from None
     except Exception as e:
         raise KnnlmError(f"cannot load {spec}: {type(e).__name__}: {first_line(e)}") from None
+
+
+def hub_unreachable():
+    """Whether the Hugging Face hub's host does not resolve (and no proxy would resolve it for us)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    from huggingface_hub import constants
+    try:
+        socket.getaddrinfo(urllib.parse.urlparse(constants.ENDPOINT).hostname, 443)
+        return False
+    except OSError:
+        return True
 
 
 def first_line(e):

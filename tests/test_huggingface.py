@@ -190,10 +190,29 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(hf):
           "is a BertForMaskedLM, not a causal language model")
 
 
+OUT_OF_REACH = {"HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "0"}  # .invalid never resolves (RFC 2606)
+
+
 def test_a_hub_name_without_the_internet_says_to_pass_a_directory(hf):
     root, data, _ = hf
     fails(run("build_datastore.py", "--data", data, "--checkpoint", "openai-community/gpt2", cwd=root, check=False,
               env={**os.environ, "HF_HUB_OFFLINE": "1"}), "pass a local directory written by save_pretrained")
+    # the hub out of reach, as on a machine without the internet: the cache is read, not the hub retried
+    result = run("build_datastore.py", "--data", data, "--checkpoint", "openai-community/gpt2", cwd=root, check=False,
+                 env={**os.environ, **OUT_OF_REACH, "HF_HUB_CACHE": str(root / "empty-cache")})
+    fails(result, "pass a local directory written by save_pretrained")
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # not the hub's own warnings first
+
+
+def test_a_hub_name_cached_before_loads_with_the_hub_out_of_reach(hf, tmp_path):
+    root, data, dirs = hf
+    snapshot = tmp_path / "cache" / "models--knnlm-test--tiny-gpt2" / "snapshots" / ("0" * 40)
+    shutil.copytree(dirs["gpt2"], snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    result = run("build_datastore.py", "--data", data, "--checkpoint", "knnlm-test/tiny-gpt2", "--out", tmp_path / "ds",
+                 cwd=root, env={**os.environ, **OUT_OF_REACH, "HF_HUB_CACHE": str(tmp_path / "cache")})
+    assert "wrote" in result.stdout and "thrown while requesting" not in result.stderr, result.stderr
 
 
 def test_bad_models_and_windows_get_one_line(hf, tmp_path):
