@@ -290,9 +290,9 @@ class Threads:
         return self
 
     def __str__(self):
-        if self.fixed:
-            return f"{torch.get_num_threads()} threads"
-        return f"{torch.get_num_threads()} threads (of {self.most}; other processes busy on {self.others:.1f} CPUs)"
+        n = torch.get_num_threads()
+        threads = f"{n} thread{'s' if n > 1 else ''}"
+        return threads if self.fixed else f"{threads} (of {self.most}; other processes busy on {self.others:.1f} CPUs)"
 
 
 @contextmanager
