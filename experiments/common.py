@@ -4,6 +4,7 @@ every analysis and every rerun re-mixes it instead of searching again), tuning, 
 writing each analysis's numbers (JSON) and plot (PNG) to experiments/results/."""
 import argparse
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -107,22 +108,42 @@ def train_model(args, out, **flags):
 
 def cached(args, prefix, key, compute):
     """compute() -> dict, done once: kept in args.cache_dir under a name made from everything it
-    depends on (key, checked again when loaded), so later calls (any analysis, any rerun) load it."""
+    depends on (key, checked again when loaded), so later calls (any analysis, any rerun) load it.
+    An analysis that finds another computing it waits for that one's result instead of computing it too."""
     path = os.path.join(args.cache_dir, f"{prefix}-{hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt")
-    if os.path.isfile(path):
-        try:
-            found = torch.load(path)
-        except Exception as e:  # a cache cut short (a full disk, a copy): computed again
-            print(f"{prefix}: the cache {path} is unreadable ({type(e).__name__}), computing it again")
-            found = {}
-        if found.get("key") == key:
+    found = load_cached(path, prefix, key)
+    if found is not None:
+        return found
+    os.makedirs(args.cache_dir, exist_ok=True)
+    holder = files.writer_pid(path)
+    if holder:
+        print(f"{prefix}: pid {holder} is computing {path}; waiting for it", flush=True)
+    with files.writing(path, patience=math.inf):
+        found = load_cached(path, prefix, key, quiet=True)  # what the process waited for wrote
+        if found is not None:
             print(f"{prefix}: cached in {path}")
             return found
-    result = {**compute(), "key": key}
-    os.makedirs(args.cache_dir, exist_ok=True)
-    with files.atomic_write(path) as tmp:
-        torch.save(result, tmp)
-    return result
+        result = {**compute(), "key": key}
+        with files.atomic_write(path) as tmp:
+            torch.save(result, tmp)
+        return result
+
+
+def load_cached(path, prefix, key, quiet=False):
+    """The cache at path if it is there, readable and of this key, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        found = torch.load(path)
+    except Exception as e:  # a cache cut short (a full disk, a copy): computed again
+        if not quiet:
+            print(f"{prefix}: the cache {path} is unreadable ({type(e).__name__}), computing it again")
+        return None
+    if found.get("key") != key:
+        return None
+    if not quiet:
+        print(f"{prefix}: cached in {path}")
+    return found
 
 
 def cached_pass(args, model, vocab, datastore, data_dir, split=None, tokens=None):

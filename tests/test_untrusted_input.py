@@ -350,6 +350,22 @@ def test_a_cut_short_experiments_cache_is_computed_again(tmp_path):
     assert torch.equal(again["v"], first["v"]) and torch.load(path)["key"] == {"a": 1}
 
 
+def test_two_analyses_at_once_compute_their_cache_once(tmp_path):
+    """The second waits for the first's pass (minutes on the real data) and loads it, not computing it too."""
+    script = ("import sys, time, torch\n"
+              "from experiments import common\n"
+              "class Args:\n    cache_dir = sys.argv[1]\n"
+              "def compute():\n"
+              "    open(sys.argv[2], 'a').write('computed\\n')\n    time.sleep(3)\n    return {'v': torch.arange(10)}\n"
+              "print(common.cached(Args, 'x', {'a': 1}, compute)['v'].sum().item())\n")
+    runs = [subprocess.Popen([sys.executable, "-c", script, tmp_path / "cache", tmp_path / "log"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [r.communicate(timeout=120) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outs
+    assert [out.split()[-1] for out, _ in outs] == ["45", "45"]
+    assert (tmp_path / "log").read_text() == "computed\n", outs
+
+
 def test_make_assignment_onto_a_file_says_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "exercises", "make_assignment.py"), tmp_path / "f"],
