@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import knnlm
 from bench import write_results
 from bench.bernoulli import ENVIRONMENT, copies_in_turn, timed
-from bench.levers import batch_of
+from bench.levers import batch_of, training_step
 from knnlm_tools import checkpoints, corpora, cpu
 
 WIDTH = {"AVX2": 8, "AVX512": 16}
@@ -76,15 +76,6 @@ def same_bits(precision):
     return True, cases
 
 
-def training_step(model, x, y, optimizer, precision, loss_fn):
-    with cpu.autocast(precision, "cpu"):
-        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/wikitext-103-small")
@@ -122,7 +113,7 @@ def main():
     tokens = vocab.encode_file(knnlm.split_path(corpora.resolve_corpus(args.data), "train"))
     x, y = batch_of(tokens, cfg.block_size, 8)
     runs, same = copies_in_turn(cfg, lambda name, model, optimizer: training_step(model, x, y, optimizer, precision,
-                                                                                  losses[name]),
+                                                                                  losses[name], grad_clip=1.0),
                                 args.steps, {name: lambda: None for name in losses})
     train = {name: statistics.median(s) for name, s in runs.items()}
     train["speedup"] = train["F.cross_entropy"] / train["fused backward"]

@@ -161,11 +161,13 @@ def memory_child(args):
 # -----------------------------------------------------------------------------
 # 4. Precision: bfloat16 autocast vs float32
 
-def training_step(model, x, y, optimizer, precision="float32"):
+def training_step(model, x, y, optimizer, precision="float32", loss_fn=F.cross_entropy, grad_clip=None):
     with cpu.autocast(precision, "cpu"):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip is not None:  # as train.py's --grad-clip
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
 
 
