@@ -24,6 +24,7 @@ export.py writes maps the same text to exactly the project's token ids.
 Weights are loaded in float32 (exact, and fast on any CPU); the memory a model needs is
 estimated from its config before anything is loaded.
 """
+import functools
 import hashlib
 import json
 import os
@@ -267,8 +268,10 @@ def hub_call(spec, load_fn, *args, **kwargs):
         raise KnnlmError(f"cannot load {spec}: {type(e).__name__}: {first_line(e)}") from None
 
 
+@functools.lru_cache(maxsize=None)
 def hub_unreachable():
-    """Whether the Hugging Face hub's host does not resolve (and no proxy would resolve it for us)."""
+    """Whether the Hugging Face hub's host does not resolve (and no proxy would resolve it for us); asked
+    once a process, not at each of a load's three loaders."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return False
     from huggingface_hub import constants
