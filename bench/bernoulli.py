@@ -15,7 +15,6 @@ Dropout's masks: torch's CPU bernoulli_ (one mt19937 call at a time) against knn
 Writes bench/results/bernoulli.json and bernoulli.md (or --out's name).
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,52 +22,9 @@ import time
 import torch
 
 import knnlm
-from bench import write_results
-from bench.levers import batch_of, training_step
+from bench import command_line, environment, in_turn, write_results
+from bench.training import batch_of, copies_in_turn, training_step
 from knnlm_tools import checkpoints, corpora, cpu
-
-
-ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "LD_PRELOAD", "OMP_NUM_THREADS")  # recorded when set
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def in_turn(fns, repeats, setups):
-    """{name: seconds of each of `repeats` runs}: the functions in turn after one warm-up each, setups[name]()
-    (untimed) before each run."""
-    seconds = {name: [] for name in fns}
-    for run in range(repeats + 1):
-        for name, fn in fns.items():
-            setups[name]()
-            s = timed(fn)
-            if run:
-                seconds[name].append(s)
-    return seconds
-
-
-def copies_in_turn(cfg, step, steps, setups):
-    """Two copies of knnlm.TransformerLM(cfg) from the same weights, each with its AdamW, stepped in turn
-    (in_turn, setups[name]() before each step): step(name, model, optimizer) is one training step, and
-    each copy's step n draws the same random numbers. -> ({name: seconds of each step}, whether the
-    copies' weights are still equal, bit for bit)."""
-    models, optimizers, done = {}, {}, {name: 0 for name in setups}
-    for name in setups:
-        torch.manual_seed(0)
-        models[name] = copy = knnlm.TransformerLM(cfg).train()
-        optimizers[name] = torch.optim.AdamW(copy.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def one_step(name):
-        torch.manual_seed(done[name])
-        done[name] += 1
-        step(name, models[name], optimizers[name])
-
-    runs = in_turn({name: lambda name=name: one_step(name) for name in setups}, steps, setups)
-    same = all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in models.values())))
-    return runs, same
 
 
 def main():
@@ -104,11 +60,10 @@ def main():
     train = {name: statistics.median(s) for name, s in runs.items()}
     train["speedup"] = train["torch's bernoulli_"] / train["knnlm.bernoulli_"]
     record = {"command": "python -m bench.bernoulli " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "machine": cpu.describe(), "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
+              "machine": cpu.describe(), "environment": environment(),
               "masks (best seconds)": masks, "precision": precision,
               "training step (median seconds)": train, "steps": runs, "same_weights": same}
-    environment = "".join(f" {name}={value}" for name, value in record["environment"].items())
-    lines = [f"`{environment.strip() + ' ' if environment else ''}{record['command']}` on {record['machine']}, "
+    lines = [f"`{command_line(record)}` on {record['machine']}, "
              f"{record['date']}.", "",
              "| what | torch's bernoulli_ | knnlm.bernoulli_ | speedup |", "|---|---:|---:|---:|"]
     lines += [f"| mask {name}, p = 0.8 (best of {args.repeats}) | {m[next(iter(names))] * 1e3:.2f} ms | "

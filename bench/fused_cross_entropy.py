@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import knnlm
-from bench import write_results
-from bench.bernoulli import ENVIRONMENT, copies_in_turn, timed
-from bench.levers import batch_of, training_step
+from bench import command_line, environment, timed, write_results
+from bench.training import batch_of, copies_in_turn, training_step
 from knnlm_tools import checkpoints, corpora, cpu
 
 WIDTH = {"AVX2": 8, "AVX512": 16}
@@ -119,12 +118,11 @@ def main():
     train["speedup"] = train["F.cross_entropy"] / train["fused backward"]
     record = {"command": "python -m bench.fused_cross_entropy " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "machine": cpu.describe(),
-              "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
+              "environment": environment(),
               "same_bits": {p: {"equal": ok, "cases": n} for p, (ok, n) in bits.items()}, "precision": precision,
               "backward (best seconds)": backward, "training step (median seconds)": train, "steps": runs,
               "same_weights": same}
-    environment = "".join(f" {name}={value}" for name, value in record["environment"].items())
-    lines = [f"`{environment.strip() + ' ' if environment else ''}{record['command']}` on {record['machine']}, "
+    lines = [f"`{command_line(record)}` on {record['machine']}, "
              f"{record['date']}.", "",
              "| what | F.cross_entropy | fused backward | speedup |", "|---|---:|---:|---:|",
              f"| the backward of [{8 * cfg.block_size}, {cfg.vocab_size}] float32 logits (best of {args.repeats}) | "

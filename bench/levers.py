@@ -43,29 +43,12 @@ import torch
 import torch.nn.functional as F
 
 import knnlm
-from bench import write_results
+from bench import best_in_turn, in_turn, write_results
+from bench.training import batch_of, training_step
 from knnlm_tools import checkpoints, corpora, cpu, datastores, files, search
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K = 1024
-
-
-def timed_in_turn(fns, repeats):
-    """{name: the seconds of each of `repeats` runs}, the functions run in turn (A B A B ...) after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    seconds = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
-def interleaved(fns, repeats):
-    """{name: best seconds of `repeats`}, the functions run in turn (A B A B ...) after one warm-up each."""
-    return {name: min(runs) for name, runs in timed_in_turn(fns, repeats).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -114,9 +97,9 @@ def windows_and_masks(model, tokens):
 def output_layer_lever(model, tokens, repeats):
     x, scored, none = windows_and_masks(model, tokens)
     with torch.no_grad():
-        datastore = interleaved({"keys and all logits": lambda: model(x, key_type="ffn_in_ln"),
-                                 "keys alone": lambda: model(x, key_type="ffn_in_ln", at=none)}, repeats)
-        evaluation = interleaved({
+        datastore = best_in_turn({"keys and all logits": lambda: model(x, key_type="ffn_in_ln"),
+                                  "keys alone": lambda: model(x, key_type="ffn_in_ln", at=none)}, repeats)
+        evaluation = best_in_turn({
             "all logits": lambda: F.log_softmax(model(x, key_type="ffn_in_ln")[0][scored], -1),
             "scored logits": lambda: F.log_softmax(model(x, key_type="ffn_in_ln", at=scored)[0], -1)}, repeats)
     return {"datastore pass": {**datastore, "speedup": datastore["keys and all logits"] / datastore["keys alone"]},
@@ -161,26 +144,16 @@ def memory_child(args):
 # -----------------------------------------------------------------------------
 # 4. Precision: bfloat16 autocast vs float32
 
-def training_step(model, x, y, optimizer, precision="float32", loss_fn=F.cross_entropy, grad_clip=None):
-    with cpu.autocast(precision, "cpu"):
-        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip is not None:  # as train.py's --grad-clip
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-
-
 def precision_lever(cfg, tokens, repeats, windows=2):
     """Few windows: on a CPU without bfloat16 instructions a bfloat16 step is tens of times slower."""
     model = knnlm.TransformerLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch_of(tokens, cfg.block_size, windows)
-    train = interleaved({p: lambda p=p: training_step(model, x, y, optimizer, p) for p in ("float32", "bfloat16")},
-                        repeats)
+    train = best_in_turn({p: lambda p=p: training_step(model, x, y, optimizer, p) for p in ("float32", "bfloat16")},
+                         repeats)
     model.eval()
     with torch.no_grad():
-        forward = interleaved({p: lambda p=p: forward_pass(model, x, p) for p in ("float32", "bfloat16")}, repeats)
+        forward = best_in_turn({p: lambda p=p: forward_pass(model, x, p) for p in ("float32", "bfloat16")}, repeats)
     return {"training step": {**train, "speedup": train["float32"] / train["bfloat16"]},
             "forward pass": {**forward, "speedup": forward["float32"] / forward["bfloat16"]},
             "windows": windows, "native_bfloat16": cpu.native_bfloat16()}
@@ -189,12 +162,6 @@ def precision_lever(cfg, tokens, repeats, windows=2):
 def forward_pass(model, x, precision):
     with cpu.autocast(precision, "cpu"):
         model(x, key_type="ffn_in_ln")
-
-
-def batch_of(tokens, block_size, windows):
-    x = torch.stack([tokens[i * block_size:(i + 1) * block_size] for i in range(windows)])
-    y = torch.stack([tokens[i * block_size + 1:(i + 1) * block_size + 1] for i in range(windows)])
-    return x, y
 
 
 # -----------------------------------------------------------------------------
@@ -265,8 +232,8 @@ def last_block_lever(model, tokens, repeats):
             logits, keys = model(x, key_type="ffn_in_ln", at=at)
             before_logits, before_keys = whole_last_block(model, x, at)
             assert torch.equal(keys, before_keys) and torch.allclose(logits, before_logits, atol=1e-5)
-            best = interleaved({"every position": lambda at=at: whole_last_block(model, x, at),
-                                "where needed": lambda at=at: model(x, key_type="ffn_in_ln", at=at)}, repeats)
+            best = best_in_turn({"every position": lambda at=at: whole_last_block(model, x, at),
+                                 "where needed": lambda at=at: model(x, key_type="ffn_in_ln", at=at)}, repeats)
             rows[name] = {**best, "speedup": best["every position"] / best["where needed"]}
     return {**rows, "windows": len(x)}
 
@@ -287,10 +254,10 @@ def fused_adamw_lever(cfg, tokens, repeats, windows=8):
         optimizers[name] = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                               {"params": no_decay, "weight_decay": 0.0}],
                                              lr=1e-4, betas=(0.9, 0.95), fused=fused)
-    best = interleaved({name: lambda name=name: training_step(models[name], x, y, optimizers[name])
-                        for name in models}, repeats)
-    updates = interleaved({name: optimizer.step for name, optimizer in optimizers.items()},
-                          repeats * 10)  # the update alone, on the gradients of the last step
+    best = best_in_turn({name: lambda name=name: training_step(models[name], x, y, optimizers[name])
+                         for name in models}, repeats)
+    updates = best_in_turn({name: optimizer.step for name, optimizer in optimizers.items()},
+                           repeats * 10)  # the update alone, on the gradients of the last step
     return {"training step": {**best, "speedup": best["AdamW, one op at a time"] / best["AdamW, fused"]},
             "update": {**updates, "speedup": updates["AdamW, one op at a time"] / updates["AdamW, fused"]},
             "windows": windows}
@@ -315,8 +282,8 @@ def search_threads_lever(datastore, repeats, queries=512):
         with neighbour(busy):
             cpu.Threads()  # sets torch's threads as the scripts' model runs on them
             model_threads = torch.get_num_threads()
-            times = timed_in_turn({name: lambda threads=threads: search_on(threads, q, keys, norms)
-                                   for name, threads in policies.items()}, repeats)
+            times = in_turn({name: lambda threads=threads: search_on(threads, q, keys, norms)
+                             for name, threads in policies.items()}, repeats)
             for name, t in times.items():
                 t, row = sorted(t), f"{'beside a busy process' if busy else 'alone'}, {name}"
                 rows[row] = {"best": t[0], "median": t[len(t) // 2], "model_threads": model_threads}

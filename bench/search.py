@@ -13,12 +13,12 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import faiss
 import torch
 
 import knnlm
+from bench import timed
 from knnlm_tools import files, search
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,12 +50,6 @@ def gemm_peak():
     out = torch.mm(a, b)
     best = min(timed(lambda: torch.mm(a, b, out=out)) for _ in range(5))
     return 2 * 4096 ** 3 / best / 1e9
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def make_data(kind, N, d, B, g):

@@ -10,12 +10,12 @@ of the rounds counts. This is how the kernel's defaults were chosen.
 import argparse
 import statistics
 import sys
-import time
 
 import faiss
 import torch
 
 import knnlm
+from bench import timed
 from knnlm_tools import search
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,12 +33,6 @@ if search.knnlm_ext is None:
 torch.set_num_threads(args.threads)
 faiss.omp_set_num_threads(args.threads)
 blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks]
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 g = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ CONFIGS = [(2, 4, 128, 64, 16, 13759, 0.2), (4, 4, 256, 256, 8, 13759, 0.2), (4,
 STEP = """
 import json, resource, sys, torch
 import knnlm
-from bench.levers import training_step
+from bench.training import training_step
 from knnlm_tools import cpu
 n_layer, n_head, d, T, B, V, dropout, precision = json.loads(sys.argv[1])
 cpu.reuse_freed_memory(); cpu.exact_bernoulli()
