@@ -1,5 +1,6 @@
-"""Benchmarks, each a module run from the repository root: python -m bench.search, bench.search_blocks, bench.index.
-Their results are in bench/results/. What they share is here: timing in turn, and writing the results."""
+"""Benchmarks, each a module run from the repository root (python -m bench.search, bench.levers, ...; each
+docstring says what it measures and how), with their results in bench/results/. bench/training.py is the
+training step several of them take; what they all share is here: timing in turn, and writing the results."""
 import os
 import time
 
