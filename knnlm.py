@@ -568,26 +568,30 @@ def score_split(model, tokens, datastore=None, k=1024, min_context=None, batch_s
         raise KnnlmError(f"{desc}: {len(tokens)} token(s), nothing to score (a text needs at least two)")
     cfg, device = model.cfg, next(model.parameters()).device
     key_type = datastore.key_type if datastore is not None else "ffn_in_ln"
-    out = {"targets": [], "log_p_lm": [], "queries": [], "dists": [], "neighbour_vals": []}
+    n, done, out = len(tokens) - 1, 0, {}
     search_seconds = 0.0
-    bar = tqdm(total=len(tokens) - 1, unit="tok", desc=desc, disable=not progress)
+    bar = tqdm(total=n, unit="tok", desc=desc, disable=not progress)
     for x, y, scored in sliding_batches(tokens, cfg.block_size, min_context, batch_size):
         x, y, scored = x.to(device), y.to(device), scored.to(device)
         logits, keys = model(x, key_type=key_type, at=scored)
         log_p = F.log_softmax(logits.float(), dim=-1)
         targets, queries = y[scored], keys[scored].float()
-        out["targets"].append(targets.cpu())
-        out["log_p_lm"].append(log_p.gather(1, targets[:, None])[:, 0].cpu())
+        parts = {"targets": targets, "log_p_lm": log_p.gather(1, targets[:, None])[:, 0]}
         if keep_queries:
-            out["queries"].append(queries.cpu())
+            parts["queries"] = queries
         if datastore is not None:
             t = time.time()
-            dists, vals = neighbours(datastore, queries, k)
+            parts["dists"], parts["neighbour_vals"] = neighbours(datastore, queries, k)
             search_seconds += time.time() - t
-            out["dists"].append(dists), out["neighbour_vals"].append(vals)
+        for name, part in parts.items():  # into the split's rows, allocated once: kept batch by batch, the parts
+            if name not in out:           # would fragment the heap, and each batch's big temporaries fault in anew
+                out[name] = torch.empty((n, *part.shape[1:]), dtype=part.dtype)
+            out[name][done:done + len(part)] = part
+        done += len(targets)
         bar.update(len(targets))
     bar.close()
-    return {**{name: torch.cat(parts) for name, parts in out.items() if parts}, "search_seconds": search_seconds}
+    assert done == n, "sliding_batches scores every token but the first once"
+    return {**out, "search_seconds": search_seconds}
 
 
 def neighbours(datastore, queries, k):
