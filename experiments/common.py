@@ -112,25 +112,25 @@ def cached(args, prefix, key, compute):
     An analysis that finds another computing it waits for that one's result instead of computing it too."""
     path = os.path.join(args.cache_dir, f"{prefix}-{hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]}.pt")
     found = load_cached(path, prefix, key)
-    if found is not None:
-        return found
-    os.makedirs(args.cache_dir, exist_ok=True)
-    holder = files.writer_pid(path)
-    if holder:
-        print(f"{prefix}: pid {holder} is computing {path}; waiting for it", flush=True)
-    with files.writing(path, patience=math.inf):
-        found = load_cached(path, prefix, key, quiet=True)  # what the process waited for wrote
-        if found is not None:
-            print(f"{prefix}: cached in {path}")
-            return found
-        result = {**compute(), "key": key}
-        with files.atomic_write(path) as tmp:
-            torch.save(result, tmp)
-        return result
+    if found is None:
+        os.makedirs(args.cache_dir, exist_ok=True)
+        holder = files.writer_pid(path)
+        if holder:
+            print(f"{prefix}: pid {holder} is computing {path}; waiting for it", flush=True)
+        with files.writing(path, patience=math.inf):
+            found = load_cached(path, prefix, key, quiet=True)  # what the process waited for wrote
+            if found is None:
+                result = {**compute(), "key": key}
+                with files.atomic_write(path) as tmp:
+                    torch.save(result, tmp)
+                return result
+    print(f"{prefix}: cached in {path}")
+    return found
 
 
 def load_cached(path, prefix, key, quiet=False):
-    """The cache at path if it is there, readable and of this key, else None."""
+    """The cache at path if it is there, readable and of this key, else None (quiet: no word of an
+    unreadable one, already said)."""
     if not os.path.isfile(path):
         return None
     try:
@@ -139,11 +139,7 @@ def load_cached(path, prefix, key, quiet=False):
         if not quiet:
             print(f"{prefix}: the cache {path} is unreadable ({type(e).__name__}), computing it again")
         return None
-    if found.get("key") != key:
-        return None
-    if not quiet:
-        print(f"{prefix}: cached in {path}")
-    return found
+    return found if found.get("key") == key else None
 
 
 def cached_pass(args, model, vocab, datastore, data_dir, split=None, tokens=None):
