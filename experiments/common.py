@@ -164,10 +164,13 @@ def search_all(datastore, queries, k, batch=2048, desc="search"):
     """The k nearest neighbours of all cached queries [n, d] in another datastore (or a part of one),
     searched as its use() decided, in batches: -> (dists [n, k], neighbour_vals [n, k], like a
     score_split cache, and the seconds taken)."""
-    out, t = [], time.time()
+    dists = vals = None
+    t = time.time()
     for s in tqdm(range(0, len(queries), batch), desc=desc, unit="batch"):
-        out.append(knnlm.neighbours(datastore, queries[s:s + batch].float(), k))
-    dists, vals = map(torch.cat, zip(*out))
+        d, v = knnlm.neighbours(datastore, queries[s:s + batch].float(), k)
+        if dists is None:  # all rows allocated once, as knnlm.score_split's: no batches kept, then copied
+            dists, vals = d.new_empty((len(queries), d.shape[1])), v.new_empty((len(queries), v.shape[1]))
+        dists[s:s + len(d)], vals[s:s + len(v)] = d, v
     return dists, vals, time.time() - t
 
 
