@@ -1,0 +1,106 @@
+"""
+The index's training sample: how many keys its lists (FAISS's k-means) and codebooks are trained on,
+against the time its build takes and the kNN-LM perplexity it gives. For each size and seed the index
+of the main job's datastore is built as `build_datastore.py --index --train-size N` builds it, test is
+searched with it and re-ranked as `evaluate.py --backend faiss` searches, and kNN-LM's test perplexity
+at (λ, T) is compared with exact search's, computed once in the same process. Seed s draws the sample
+with s (build_datastore.py draws it with 0) and seeds FAISS's k-means with 1234 + s (its default at
+s = 0), so that the sample of every key varies too; seed 0 is the index build_datastore.py builds.
+
+    python -m bench.index_sample --data ../shared/data/wikitext-103-small
+
+Writes bench/results/index_sample.json and index_sample.md. The indexes are written beside the
+datastore's own, under names of their own, and removed after.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import knnlm
+from bench import timed, write_results
+from knnlm_tools import checkpoints, corpora, cpu, datastores, faiss_index, search
+
+
+def seeded(empty_index, seed):
+    """empty_index (faiss_index's) with FAISS's k-means seeded 1234 + seed."""
+    def seeded_index(d, factory):
+        index, ivf = empty_index(d, factory)
+        ivf.cp.seed = 1234 + seed
+        return index, ivf
+    return seeded_index
+
+
+def test_ppl(cache, search_fn, k, lmbda, temperature):
+    """kNN-LM's perplexity of the scored test cache with the neighbours search_fn finds, and the search's seconds."""
+    dists, vals, start = [], [], time.perf_counter()
+    with cpu.every_core():
+        for queries in cache["queries"].split(4096):
+            d, ids = search_fn(queries, k)
+            dists.append(d)
+            vals.append(cache["datastore_vals"][ids].int())
+    seconds = time.perf_counter() - start
+    found = {**cache, "dists": torch.cat(dists), "neighbour_vals": torch.cat(vals)}
+    return knnlm.perplexity(knnlm.knnlm_log_probs(found, lmbda, temperature)), seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/wikitext-103-small")
+    parser.add_argument("--checkpoint", default="runs/model.pt")
+    parser.add_argument("--datastore", default="runs/datastore")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 262_144, 131_072],
+                        help="keys to train on (0: build_datastore.py's default, every key up to 256 a list)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25, help="the main job's, tuned on valid")
+    parser.add_argument("--temperature", type=float, default=8.0, help="the main job's, tuned on valid")
+    args = parser.parse_args()
+    cpu.reuse_freed_memory()
+    model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint)
+    datastore = datastores.DiskDatastore(args.datastore)
+    datastore.check_model(model, vocab)
+    test = vocab.encode_file(knnlm.split_path(corpora.resolve_corpus(args.data), "test"))
+    with cpu.autocast(cpu.resolve_precision("auto", "cpu"), "cpu"):  # as evaluate.py's LM pass (the machine says which)
+        scored = knnlm.score_split(model, test, None, keep_queries=True, desc="test")
+    cache = {**scored, "datastore_vals": datastore.vals}
+    exact_backend = "ext" if search.kernel_built() else "torch"
+    datastore.use(exact_backend, "cpu", args.k)
+    exact, exact_seconds = test_ppl(cache, datastore.search, args.k, args.lmbda, args.temperature)
+    print(f"exact ({exact_backend}): test kNN-LM {exact:.5f} in {exact_seconds:.0f} s", flush=True)
+    rows = []
+    for size in args.sizes:
+        for seed in args.seeds:
+            name = f"bench_index_sample_{size}_{seed}"
+            plan, empty_index = {}, faiss_index.empty_index
+            faiss_index.empty_index = seeded(empty_index, seed)  # what train_index makes its index with
+            try:
+                built = timed(lambda: plan.update(faiss_index.build_index(datastore, train_size=size or None, seed=seed,
+                                                                          name=name, progress=False)))
+            finally:
+                faiss_index.empty_index = empty_index
+            index = faiss_index.FaissIndex(datastore, name=name)
+            ppl, seconds = test_ppl(cache, index.search, args.k, args.lmbda, args.temperature)
+            for part in ("faiss", "json"):
+                os.remove(faiss_index.index_path(datastore, name, part))
+            rows.append({"train_size": plan["train_size"], "seed": seed, "build_seconds": built,
+                         "search_seconds": seconds, "test_knnlm_ppl": ppl, "vs_exact": ppl / exact - 1})
+            print(rows[-1], flush=True)
+    record = {"command": "python -m bench.index_sample " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+              "machine": cpu.describe(), "factory": plan["factory"], "keys": len(datastore), "test_tokens": len(test) - 1,
+              "k": args.k, "lambda": args.lmbda, "temperature": args.temperature, "exact_backend": exact_backend,
+              "exact_test_knnlm_ppl": exact, "exact_search_seconds": exact_seconds, "indexes": rows}
+    lines = [f"`{record['command']}` on {record['machine']}, {record['date']}.", "",
+             f"{record['factory']} of {len(datastore):,} keys, trained on a sample of them; test ({len(test) - 1:,} "
+             f"tokens) searched with k = {args.k}, re-ranked, and kNN-LM at λ = {args.lmbda}, T = {args.temperature}, "
+             f"against exact search ({exact_backend}): {exact:.5f}.", "",
+             "| keys trained on | seed | index built | test kNN-LM | vs exact |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['train_size']:,} | {r['seed']} | {r['build_seconds']:.1f} s | {r['test_knnlm_ppl']:.5f} | "
+              f"{100 * r['vs_exact']:+.3f}% |" for r in rows]
+    write_results("index_sample", record, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
