@@ -4,46 +4,31 @@ against the time its build takes and the kNN-LM perplexity it gives. For each si
 of the main job's datastore is built as `build_datastore.py --index --train-size N` builds it, test is
 searched with it and re-ranked as `evaluate.py --backend faiss` searches, and kNN-LM's test perplexity
 at (λ, T) is compared with exact search's, computed once in the same process. Seed s draws the sample
-with s (build_datastore.py draws it with 0) and seeds FAISS's k-means with 1234 + s (its default at
-s = 0), so that the sample of every key varies too; seed 0 is the index build_datastore.py builds.
+and is added to the seed of FAISS's k-means (faiss_index.train_index), so that an index of every key
+varies too; seed 0 is the index build_datastore.py builds.
 
     python -m bench.index_sample --data ../shared/data/wikitext-103-small
 
-Writes bench/results/index_sample.json and index_sample.md. The indexes are written beside the
-datastore's own, under names of their own, and removed after.
+Writes bench/results/index_sample.json and index_sample.md. Needs the datastore's own index (run.sh
+builds it); the others are written beside it, under names of their own, and removed after.
 """
 import argparse
 import os
 import sys
 import time
 
-import torch
-
 import knnlm
 from bench import timed, write_results
+from experiments import common
 from knnlm_tools import checkpoints, corpora, cpu, datastores, faiss_index, search
 
 
-def seeded(empty_index, seed):
-    """empty_index (faiss_index's) with FAISS's k-means seeded 1234 + seed."""
-    def seeded_index(d, factory):
-        index, ivf = empty_index(d, factory)
-        ivf.cp.seed = 1234 + seed
-        return index, ivf
-    return seeded_index
-
-
-def test_ppl(cache, search_fn, k, lmbda, temperature):
-    """kNN-LM's perplexity of the scored test cache with the neighbours search_fn finds, and the search's seconds."""
-    dists, vals, start = [], [], time.perf_counter()
-    with cpu.every_core():
-        for queries in cache["queries"].split(4096):
-            d, ids = search_fn(queries, k)
-            dists.append(d)
-            vals.append(cache["datastore_vals"][ids].int())
-    seconds = time.perf_counter() - start
-    found = {**cache, "dists": torch.cat(dists), "neighbour_vals": torch.cat(vals)}
-    return knnlm.perplexity(knnlm.knnlm_log_probs(found, lmbda, temperature)), seconds
+def test_ppl(cache, datastore, k, lmbda, temperature):
+    """kNN-LM's perplexity of the scored test cache with the neighbours the datastore finds as its use() decided,
+    and the search's seconds."""
+    dists, vals, seconds = common.search_all(datastore, cache["queries"], k, desc="test")
+    return knnlm.perplexity(knnlm.knnlm_log_probs({**cache, "dists": dists, "neighbour_vals": vals}, lmbda,
+                                                  temperature)), seconds
 
 
 def main():
@@ -64,25 +49,21 @@ def main():
     datastore.check_model(model, vocab)
     test = vocab.encode_file(knnlm.split_path(corpora.resolve_corpus(args.data), "test"))
     with cpu.autocast(cpu.resolve_precision("auto", "cpu"), "cpu"):  # as evaluate.py's LM pass (the machine says which)
-        scored = knnlm.score_split(model, test, None, keep_queries=True, desc="test")
-    cache = {**scored, "datastore_vals": datastore.vals}
+        cache = knnlm.score_split(model, test, None, keep_queries=True, desc="test")
     exact_backend = "ext" if search.kernel_built() else "torch"
     datastore.use(exact_backend, "cpu", args.k)
-    exact, exact_seconds = test_ppl(cache, datastore.search, args.k, args.lmbda, args.temperature)
+    exact, exact_seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature)
     print(f"exact ({exact_backend}): test kNN-LM {exact:.5f} in {exact_seconds:.0f} s", flush=True)
+    datastore.use("faiss", "cpu", args.k)  # then each index in turn (load_index)
     rows = []
     for size in args.sizes:
         for seed in args.seeds:
             name = f"bench_index_sample_{size}_{seed}"
-            plan, empty_index = {}, faiss_index.empty_index
-            faiss_index.empty_index = seeded(empty_index, seed)  # what train_index makes its index with
-            try:
-                built = timed(lambda: plan.update(faiss_index.build_index(datastore, train_size=size or None, seed=seed,
-                                                                          name=name, progress=False)))
-            finally:
-                faiss_index.empty_index = empty_index
-            index = faiss_index.FaissIndex(datastore, name=name)
-            ppl, seconds = test_ppl(cache, index.search, args.k, args.lmbda, args.temperature)
+            plan = {}
+            built = timed(lambda: plan.update(faiss_index.build_index(datastore, train_size=size or None, seed=seed,
+                                                                      name=name, progress=False)))
+            datastore.load_index(name=name)
+            ppl, seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature)
             for part in ("faiss", "json"):
                 os.remove(faiss_index.index_path(datastore, name, part))
             rows.append({"train_size": plan["train_size"], "seed": seed, "build_seconds": built,

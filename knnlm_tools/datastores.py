@@ -225,8 +225,8 @@ class DiskDatastore(knnlm.Datastore):
     def has_index(self, name="index"):
         return os.path.isfile(index_path(self, name, "json"))
 
-    def load_index(self, nprobe=None, recompute=True):
-        self.index = FaissIndex(self, nprobe, recompute)
+    def load_index(self, nprobe=None, recompute=True, name="index"):
+        self.index = FaissIndex(self, nprobe, recompute, name)
         return self.index
 
     def use(self, backend="auto", device="cpu", k=1, nprobe=None, recompute=True):

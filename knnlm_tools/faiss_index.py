@@ -126,7 +126,8 @@ def plan_index(datastore, factory=None, train_size=None, shards=1, seed=0, name=
 
 
 def train_index(datastore, plan, name="index", progress=True):
-    """Train the IVF centroids and the PQ codebooks on a random sample of the keys."""
+    """Train the IVF centroids and the PQ codebooks on a random sample of the keys. The plan's seed draws the
+    sample and is added to the seed of FAISS's k-means of the lists (its own default at seed 0)."""
     path = index_path(datastore, name, "trained.faiss")
     if os.path.isfile(path) or os.path.isfile(index_path(datastore, name, "json")):
         return
@@ -141,6 +142,7 @@ def train_index(datastore, plan, name="index", progress=True):
     if faiss.get_num_gpus() > 0:  # k-means on the GPUs (with a faiss-gpu build)
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(datastore.meta.dim))
     ivf.cp.verbose = progress  # FAISS reports each iteration of the k-means of the lists
+    ivf.cp.seed += plan["seed"]
     print(f"index: training {plan['factory']} on {len(rows):,} keys")
     index.train(sample)
     write_index(index, path)
