@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import knnlm
 from bench import best_in_turn, in_turn, write_results
 from bench.training import batch_of, training_step
+from experiments import common
 from knnlm_tools import checkpoints, corpora, cpu, datastores, files, search
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,13 +64,8 @@ def search_lever(model, datastore, tokens, results, batch=1024):
     exact = "ext" if search.kernel_built() else "torch"
     for name, backend in (("exact", exact), ("IVF-PQ + recompute", "faiss")):
         datastore.use(backend, "cpu", K, recompute=True)
-        dists, vals, seconds = [], [], 0.0
-        for i in range(0, len(cache["queries"]), batch):
-            start = time.perf_counter()
-            d, v = knnlm.neighbours(datastore, cache["queries"][i:i + batch], K)
-            seconds += time.perf_counter() - start
-            dists.append(d), vals.append(v)
-        searched = {**cache, "dists": torch.cat(dists), "neighbour_vals": torch.cat(vals)}
+        dists, vals, seconds = common.search_all(datastore, cache["queries"], K, batch, desc=name)
+        searched = {**cache, "dists": dists, "neighbour_vals": vals}
         ppl = knnlm.perplexity(knnlm.knnlm_log_probs(searched, lmbda, temperature))
         rows[name] = {"backend": backend, "test_ppl": ppl, "search_seconds": round(seconds, 1),
                       "queries_per_second": round(len(cache["queries"]) / seconds)}
