@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -141,6 +142,24 @@ def test_an_interrupted_build_finishes_from_its_last_step(indexed):
     queries = queries_near(50)
     assert torch.equal(faiss_index.FaissIndex(indexed, name="resumed").search(queries, 16)[1],
                        indexed.load_index().search(queries, 16)[1])
+
+
+def test_the_plans_seed_seeds_the_k_means_of_the_lists(indexed):
+    """With every key in the sample, the seed reaches the index only through FAISS's k-means:
+    the same seed trains the same lists, another seed other lists."""
+    def lists(seed, name):
+        plan = faiss_index.plan_index(indexed, seed=seed, name=name)
+        assert plan["train_size"] == N
+        faiss_index.train_index(indexed, plan, name=name, progress=False)
+        trained = faiss_index.read_index(os.path.join(indexed.path, f"{name}.trained.faiss"))
+        for part in ("plan.json", "trained.faiss"):
+            os.remove(os.path.join(indexed.path, f"{name}.{part}"))
+        quantizer = faiss.extract_index_ivf(trained).quantizer
+        return quantizer.reconstruct_n(0, quantizer.ntotal)
+
+    first, again, other = lists(0, "seed0"), lists(0, "seed0again"), lists(1, "seed1")
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
 
 
 def test_an_index_of_another_datastore_is_refused(indexed, tmp_path):
