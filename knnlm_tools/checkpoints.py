@@ -95,17 +95,19 @@ def load_checkpoint(path, device="cpu"):
         with warnings.catch_warnings():  # e.g. on the pickle protocol of a file that is refused anyway
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:  # what weights_only refuses: objects other than tensors and plain data
+    except Exception as e:  # refused by weights_only, truncated, corrupt, or not a torch file at all
         with open(path, "rb") as f:
             head = f.read(4)
+        if not head:
+            raise KnnlmError(f"cannot read checkpoint {path}: the file is empty") from None
         if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive, or a pickle of protocol >= 2
             raise KnnlmError(f"cannot read checkpoint {path}: not a file that torch.save writes (it begins with "
                              f"{head!r}, not with a zip archive's or a pickle's header)") from None
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-        raise KnnlmError(f"refused to load {path}: it holds Python objects other than tensors and plain data, "
-                         f"which could run code when loaded ({detail or 'weights_only'}); train.py's checkpoints "
-                         "hold none") from None
-    except Exception as e:  # truncated, corrupt, or not a torch file
+        if isinstance(e, pickle.UnpicklingError):  # what weights_only refuses: objects other than tensors and plain data
+            detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+            raise KnnlmError(f"refused to load {path}: it holds Python objects other than tensors and plain data, "
+                             f"which could run code when loaded ({detail or 'weights_only'}); train.py's checkpoints "
+                             "hold none") from None
         raise KnnlmError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     missing = [f for f in CHECKPOINT_FIELDS if f not in ckpt] if isinstance(ckpt, dict) else CHECKPOINT_FIELDS
     if missing:

@@ -72,12 +72,23 @@ def test_a_checkpoint_that_carries_code_is_refused_before_it_runs(work, tmp_path
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_a_text_file_given_as_the_checkpoint_is_not_called_dangerous(work):
+@pytest.mark.parametrize("content", [None, "root:x:0:0:root:/root:/bin/bash\n"], ids=["corpus", "passwd"])
+def test_a_text_file_given_as_the_checkpoint_is_not_called_dangerous(work, tmp_path, content):
     root, data = work
     text = os.path.join(data, "wiki.test.tokens")
+    if content is not None:  # torch.load fails on it with an IndexError, not an UnpicklingError
+        text = tmp_path / "passwd"
+        text.write_text(content)
     result = run("evaluate.py", "--data", data, "--checkpoint", text, cwd=root, check=False)
     fails(result, f"cannot read checkpoint {text}: not a file that torch.save writes")
     assert "could run code" not in result.stderr
+
+
+def test_an_empty_file_given_as_the_checkpoint_is_called_empty(work, tmp_path):
+    root, data = work
+    (tmp_path / "empty.pt").write_bytes(b"")
+    fails(run("evaluate.py", "--data", data, "--checkpoint", tmp_path / "empty.pt", cwd=root, check=False),
+          f"cannot read checkpoint {tmp_path / 'empty.pt'}: the file is empty")
 
 
 @pytest.mark.parametrize("script, args", [("build_datastore.py", ["--out", "ds"]), ("sample.py", []),
