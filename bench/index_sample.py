@@ -9,8 +9,9 @@ varies too; seed 0 is the index build_datastore.py builds.
 
     python -m bench.index_sample --data ../shared/data/wikitext-103-small
 
-Writes bench/results/index_sample.json and index_sample.md. Needs the datastore's own index (run.sh
-builds it); the others are written beside it, under names of their own, and removed after.
+Writes bench/results/index_sample.json and index_sample.md (--out NAME: NAME.json and NAME.md). Needs the
+datastore's own index (run.sh builds it); the others are written beside it, under names of their own, and
+removed after.
 """
 import argparse
 import os
@@ -42,6 +43,7 @@ def main():
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25, help="the main job's, tuned on valid")
     parser.add_argument("--temperature", type=float, default=8.0, help="the main job's, tuned on valid")
+    parser.add_argument("--out", default="index_sample", help="results file name under bench/results/")
     args = parser.parse_args()
     cpu.reuse_freed_memory()
     model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint)
@@ -80,7 +82,7 @@ def main():
              "| keys trained on | seed | index built | test kNN-LM | vs exact |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['train_size']:,} | {r['seed']} | {r['build_seconds']:.1f} s | {r['test_knnlm_ppl']:.5f} | "
               f"{100 * r['vs_exact']:+.3f}% |" for r in rows]
-    write_results("index_sample", record, "\n".join(lines) + "\n")
+    write_results(args.out, record, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
