@@ -2,7 +2,8 @@
 The index's training sample: how many keys its lists (FAISS's k-means) and codebooks are trained on,
 against the time its build takes and the kNN-LM perplexity it gives. For each size and seed the index
 of the main job's datastore is built as `build_datastore.py --index --train-size N` builds it, test is
-searched with it and re-ranked as `evaluate.py --backend faiss` searches, and kNN-LM's test perplexity
+searched with it (at each of --nprobes, by default evaluate.py's 32) and re-ranked as `evaluate.py
+--backend faiss` searches, and kNN-LM's test perplexity
 at (λ, T) is compared with exact search's, computed once in the same process. Seed s draws the sample
 and is added to the seed of FAISS's k-means (faiss_index.train_index), so that an index of every key
 varies too; seed 0 is the index build_datastore.py builds.
@@ -40,6 +41,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[0, 262_144, 131_072],
                         help="keys to train on (0: build_datastore.py's default, every key up to 256 a list)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[32], help="lists visited: each index searched at each")
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25, help="the main job's, tuned on valid")
     parser.add_argument("--temperature", type=float, default=8.0, help="the main job's, tuned on valid")
@@ -64,13 +66,14 @@ def main():
             plan = {}
             built = timed(lambda: plan.update(faiss_index.build_index(datastore, train_size=size or None, seed=seed,
                                                                       name=name, progress=False)))
-            datastore.load_index(name=name)
-            ppl, seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature)
+            for nprobe in args.nprobes:
+                datastore.load_index(nprobe, name=name)
+                ppl, seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature)
+                rows.append({"train_size": plan["train_size"], "seed": seed, "nprobe": nprobe, "build_seconds": built,
+                             "search_seconds": seconds, "test_knnlm_ppl": ppl, "vs_exact": ppl / exact - 1})
+                print(rows[-1], flush=True)
             for part in ("faiss", "json"):
                 os.remove(faiss_index.index_path(datastore, name, part))
-            rows.append({"train_size": plan["train_size"], "seed": seed, "build_seconds": built,
-                         "search_seconds": seconds, "test_knnlm_ppl": ppl, "vs_exact": ppl / exact - 1})
-            print(rows[-1], flush=True)
     record = {"command": "python -m bench.index_sample " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "machine": cpu.describe(), "factory": plan["factory"], "keys": len(datastore), "test_tokens": len(test) - 1,
               "k": args.k, "lambda": args.lmbda, "temperature": args.temperature, "exact_backend": exact_backend,
@@ -79,9 +82,10 @@ def main():
              f"{record['factory']} of {len(datastore):,} keys, trained on a sample of them; test ({len(test) - 1:,} "
              f"tokens) searched with k = {args.k}, re-ranked, and kNN-LM at λ = {args.lmbda}, T = {args.temperature}, "
              f"against exact search ({exact_backend}): {exact:.5f}.", "",
-             "| keys trained on | seed | index built | test kNN-LM | vs exact |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['train_size']:,} | {r['seed']} | {r['build_seconds']:.1f} s | {r['test_knnlm_ppl']:.5f} | "
-              f"{100 * r['vs_exact']:+.3f}% |" for r in rows]
+             "| keys trained on | seed | index built | nprobe | search | test kNN-LM | vs exact |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['train_size']:,} | {r['seed']} | {r['build_seconds']:.1f} s | {r['nprobe']} | "
+              f"{r['search_seconds']:.1f} s | {r['test_knnlm_ppl']:.5f} | {100 * r['vs_exact']:+.3f}% |" for r in rows]
     write_results(args.out, record, "\n".join(lines) + "\n")
 
 
