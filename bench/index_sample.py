@@ -2,8 +2,8 @@
 The index's training sample: how many keys its lists (FAISS's k-means) and codebooks are trained on,
 against the time its build takes and the kNN-LM perplexity it gives. For each size and seed the index
 of the main job's datastore is built as `build_datastore.py --index --train-size N` builds it, test is
-searched with it (at each of --nprobes, by default evaluate.py's 32) and re-ranked as `evaluate.py
---backend faiss` searches, and kNN-LM's test perplexity
+searched with it (at each of --nprobes, by default evaluate.py's 32; --candidates N: N found, the k nearest
+kept) and re-ranked as `evaluate.py --backend faiss` searches, and kNN-LM's test perplexity
 at (λ, T) is compared with exact search's, computed once in the same process. Seed s draws the sample
 and is added to the seed of FAISS's k-means (faiss_index.train_index), so that an index of every key
 varies too; seed 0 is the index build_datastore.py builds.
@@ -25,10 +25,11 @@ from experiments import common
 from knnlm_tools import checkpoints, corpora, cpu, datastores, faiss_index, search
 
 
-def test_ppl(cache, datastore, k, lmbda, temperature):
-    """kNN-LM's perplexity of the scored test cache with the neighbours the datastore finds as its use() decided,
-    and the search's seconds."""
-    dists, vals, seconds = common.search_all(datastore, cache["queries"], k, desc="test")
+def test_ppl(cache, datastore, k, lmbda, temperature, candidates=None):
+    """kNN-LM's perplexity of the scored test cache with the neighbours the datastore finds as its use() decided
+    (the k nearest of `candidates` found, where given), and the search's seconds."""
+    dists, vals, seconds = common.search_all(datastore, cache["queries"], candidates or k, desc="test")
+    dists, vals = dists[:, :k], vals[:, :k]
     return knnlm.perplexity(knnlm.knnlm_log_probs({**cache, "dists": dists, "neighbour_vals": vals}, lmbda,
                                                   temperature)), seconds
 
@@ -41,8 +42,11 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[0, 262_144, 131_072],
                         help="keys to train on (0: build_datastore.py's default, every key up to 256 a list)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--nprobes", type=int, nargs="+", default=[32], help="lists visited: each index searched at each")
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[32], 
+                        help="lists visited: each index searched at each")
     parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="the indexes' neighbours found and re-ranked, of which the k nearest count (default k)")
     parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25, help="the main job's, tuned on valid")
     parser.add_argument("--temperature", type=float, default=8.0, help="the main job's, tuned on valid")
     parser.add_argument("--out", default="index_sample", help="results file name under bench/results/")
@@ -68,20 +72,23 @@ def main():
                                                                       name=name, progress=False)))
             for nprobe in args.nprobes:
                 datastore.load_index(nprobe, name=name)
-                ppl, seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature)
-                rows.append({"train_size": plan["train_size"], "seed": seed, "nprobe": nprobe, "build_seconds": built,
+                ppl, seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature, args.candidates)
+                rows.append({"train_size": plan["train_size"], "seed": seed, "nprobe": nprobe,
+                             "candidates": args.candidates or args.k, "build_seconds": built,
                              "search_seconds": seconds, "test_knnlm_ppl": ppl, "vs_exact": ppl / exact - 1})
                 print(rows[-1], flush=True)
             for part in ("faiss", "json"):
                 os.remove(faiss_index.index_path(datastore, name, part))
     record = {"command": "python -m bench.index_sample " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "machine": cpu.describe(), "factory": plan["factory"], "keys": len(datastore), "test_tokens": len(test) - 1,
-              "k": args.k, "lambda": args.lmbda, "temperature": args.temperature, "exact_backend": exact_backend,
+              "machine": cpu.describe(), "factory": plan["factory"], "keys": len(datastore),
+              "test_tokens": len(test) - 1, "k": args.k, "candidates": args.candidates or args.k, "lambda": args.lmbda,
+              "temperature": args.temperature, "exact_backend": exact_backend,
               "exact_test_knnlm_ppl": exact, "exact_search_seconds": exact_seconds, "indexes": rows}
+    among = f" (the nearest of {args.candidates:,} found)" if args.candidates else ""
     lines = [f"`{record['command']}` on {record['machine']}, {record['date']}.", "",
              f"{record['factory']} of {len(datastore):,} keys, trained on a sample of them; test ({len(test) - 1:,} "
-             f"tokens) searched with k = {args.k}, re-ranked, and kNN-LM at λ = {args.lmbda}, T = {args.temperature}, "
-             f"against exact search ({exact_backend}): {exact:.5f}.", "",
+             f"tokens) searched with k = {args.k}{among}, re-ranked, and kNN-LM at λ = {args.lmbda}, "
+             f"T = {args.temperature}, against exact search ({exact_backend}): {exact:.5f}.", "",
              "| keys trained on | seed | index built | nprobe | search | test kNN-LM | vs exact |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['train_size']:,} | {r['seed']} | {r['build_seconds']:.1f} s | {r['nprobe']} | "
