@@ -108,6 +108,21 @@ def test_the_kernels_rerank_orders_by_distance_then_id(k):
     assert dists[2, 0] == 0
 
 
+def test_the_references_index_is_the_one_the_build_writes(indexed):
+    """knnlm.build_index (section 5, the keys in memory) and faiss_index's build from the datastore on disk train
+    on the same sample (every key here) with the same seed: the same index, whose codes rank the same neighbours
+    at the same quantised distances, which the reference's search re-ranks to the same exact distances."""
+    keys = torch.from_numpy(np.load(os.path.join(indexed.path, "keys.npy")))
+    reference, built = knnlm.build_index(keys), indexed.load_index()
+    queries = queries_near(100)
+    faiss.extract_index_ivf(reference).nprobe = faiss.extract_index_ivf(built.index).nprobe = 32
+    for a, b in zip(reference.search(queries.numpy(), 64), built.index.search(queries.numpy(), 64)):
+        np.testing.assert_array_equal(a, b)
+    (dists, ids), (built_dists, built_ids) = knnlm.search_index(reference, queries, 64, keys), built.search(queries, 64)
+    assert torch.equal(ids.sort(1)[0], built_ids.sort(1)[0])  # the same candidates, re-ranked in torch or in C++
+    torch.testing.assert_close(dists, built_dists)
+
+
 def test_index_save_load_round_trip(indexed, tmp_path):
     index = indexed.load_index()
     faiss_index.write_index(index.index, str(tmp_path / "copy.faiss"))
