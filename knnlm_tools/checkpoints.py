@@ -96,11 +96,15 @@ def load_checkpoint(path, device="cpu"):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # refused by weights_only, truncated, corrupt, or not a torch file at all
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if not head:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:  # unreadable (its permissions): torch.load's own error, below, says so
+            head = None
+        if head == b"":
             raise KnnlmError(f"cannot read checkpoint {path}: the file is empty") from None
-        if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive, or a pickle of protocol >= 2
+        # torch.save writes a zip archive, or a pickle of protocol >= 2
+        if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
             raise KnnlmError(f"cannot read checkpoint {path}: not a file that torch.save writes (it begins with "
                              f"{head!r}, not with a zip archive's or a pickle's header)") from None
         if isinstance(e, pickle.UnpicklingError):  # what weights_only refuses: objects other than tensors and plain data
