@@ -25,10 +25,10 @@ from experiments import common
 from knnlm_tools import checkpoints, corpora, cpu, datastores, faiss_index, search
 
 
-def test_ppl(cache, datastore, k, lmbda, temperature, candidates=None):
-    """kNN-LM's perplexity of the scored test cache with the neighbours the datastore finds as its use() decided
-    (the k nearest of `candidates` found, where given), and the search's seconds."""
-    dists, vals, seconds = common.search_all(datastore, cache["queries"], candidates or k, desc="test")
+def test_ppl(cache, datastore, k, lmbda, temperature, candidates):
+    """kNN-LM's perplexity of the scored test cache with the k nearest of the `candidates` neighbours the datastore
+    finds as its use() decided, and the search's seconds."""
+    dists, vals, seconds = common.search_all(datastore, cache["queries"], candidates, desc="test")
     dists, vals = dists[:, :k], vals[:, :k]
     return knnlm.perplexity(knnlm.knnlm_log_probs({**cache, "dists": dists, "neighbour_vals": vals}, lmbda,
                                                   temperature)), seconds
@@ -42,15 +42,16 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[0, 262_144, 131_072],
                         help="keys to train on (0: build_datastore.py's default, every key up to 256 a list)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--nprobes", type=int, nargs="+", default=[32], 
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[32],
                         help="lists visited: each index searched at each")
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--candidates", type=int, default=None,
-                        help="the indexes' neighbours found and re-ranked, of which the k nearest count (default k)")
+                        help="the indexes' neighbours found and re-ranked, of which the k nearest count (default: k)")
     parser.add_argument("--lambda", dest="lmbda", type=float, default=0.25, help="the main job's, tuned on valid")
     parser.add_argument("--temperature", type=float, default=8.0, help="the main job's, tuned on valid")
     parser.add_argument("--out", default="index_sample", help="results file name under bench/results/")
     args = parser.parse_args()
+    candidates = args.candidates or args.k
     cpu.reuse_freed_memory()
     model, vocab, _ = checkpoints.load_checkpoint(args.checkpoint)
     datastore = datastores.DiskDatastore(args.datastore)
@@ -60,7 +61,7 @@ def main():
         cache = knnlm.score_split(model, test, None, keep_queries=True, desc="test")
     exact_backend = "ext" if search.kernel_built() else "torch"
     datastore.use(exact_backend, "cpu", args.k)
-    exact, exact_seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature)
+    exact, exact_seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature, args.k)
     print(f"exact ({exact_backend}): test kNN-LM {exact:.5f} in {exact_seconds:.0f} s", flush=True)
     datastore.use("faiss", "cpu", args.k)  # then each index in turn (load_index)
     rows = []
@@ -72,19 +73,18 @@ def main():
                                                                       name=name, progress=False)))
             for nprobe in args.nprobes:
                 datastore.load_index(nprobe, name=name)
-                ppl, seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature, args.candidates)
-                rows.append({"train_size": plan["train_size"], "seed": seed, "nprobe": nprobe,
-                             "candidates": args.candidates or args.k, "build_seconds": built,
+                ppl, seconds = test_ppl(cache, datastore, args.k, args.lmbda, args.temperature, candidates)
+                rows.append({"train_size": plan["train_size"], "seed": seed, "nprobe": nprobe, "build_seconds": built,
                              "search_seconds": seconds, "test_knnlm_ppl": ppl, "vs_exact": ppl / exact - 1})
                 print(rows[-1], flush=True)
             for part in ("faiss", "json"):
                 os.remove(faiss_index.index_path(datastore, name, part))
     record = {"command": "python -m bench.index_sample " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "machine": cpu.describe(), "factory": plan["factory"], "keys": len(datastore),
-              "test_tokens": len(test) - 1, "k": args.k, "candidates": args.candidates or args.k, "lambda": args.lmbda,
+              "test_tokens": len(test) - 1, "k": args.k, "candidates": candidates, "lambda": args.lmbda,
               "temperature": args.temperature, "exact_backend": exact_backend,
               "exact_test_knnlm_ppl": exact, "exact_search_seconds": exact_seconds, "indexes": rows}
-    among = f" (the nearest of {args.candidates:,} found)" if args.candidates else ""
+    among = f" (the nearest of {candidates:,} found)" if candidates != args.k else ""
     lines = [f"`{record['command']}` on {record['machine']}, {record['date']}.", "",
              f"{record['factory']} of {len(datastore):,} keys, trained on a sample of them; test ({len(test) - 1:,} "
              f"tokens) searched with k = {args.k}{among}, re-ranked, and kNN-LM at λ = {args.lmbda}, "
