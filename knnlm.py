@@ -409,9 +409,11 @@ def default_factory(n, d):
 
 
 def build_index(keys, factory=None, train_size=1_000_000, seed=0):
-    """The FAISS index of keys [N, d] in memory: its lists and codebooks trained on a random sample."""
+    """The FAISS index of keys [N, d] in memory: its lists and codebooks trained on a random sample.
+    The seed draws the sample and is added to the seed of FAISS's k-means of the lists."""
     n, d = keys.shape
     index = faiss.index_factory(d, factory or default_factory(n, d))
+    faiss.extract_index_ivf(index).cp.seed += seed
     sample = np.sort(np.random.default_rng(seed).choice(n, min(n, train_size), replace=False))
     index.train(keys[sample].float().numpy())
     index.add_with_ids(keys.float().numpy(), np.arange(n))

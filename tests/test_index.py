@@ -175,6 +175,9 @@ def test_the_plans_seed_seeds_the_k_means_of_the_lists(indexed):
     first, again, other = lists(0, "seed0"), lists(0, "seed0again"), lists(1, "seed1")
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
+    reference = knnlm.build_index(torch.from_numpy(np.load(os.path.join(indexed.path, "keys.npy"))), seed=1)
+    quantizer = faiss.extract_index_ivf(reference).quantizer  # section 5's reference: the same lists at the same seed
+    np.testing.assert_array_equal(quantizer.reconstruct_n(0, quantizer.ntotal), other)
 
 
 def test_an_index_of_another_datastore_is_refused(indexed, tmp_path):
