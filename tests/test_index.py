@@ -55,7 +55,7 @@ def test_recall_at_the_default_nprobe_is_above_the_floor(indexed):
 
 def test_recompute_returns_the_exact_distances_of_the_returned_ids(indexed):
     queries = queries_near(50)
-    keys = torch.from_numpy(np.load(os.path.join(indexed.path, "keys.npy"))).double()
+    keys = indexed.keys.double()
     for recompute in (True, False):
         indexed.use("faiss", recompute=recompute)
         dists, ids = indexed.search(queries, 100)
@@ -112,7 +112,7 @@ def test_the_references_index_is_the_one_the_build_writes(indexed):
     """knnlm.build_index (section 5, the keys in memory) and faiss_index's build from the datastore on disk train
     on the same sample (every key here) with the same seed: the same index, whose codes rank the same neighbours
     at the same quantised distances, which the reference's search re-ranks to the same exact distances."""
-    keys = torch.from_numpy(np.load(os.path.join(indexed.path, "keys.npy")))
+    keys = indexed.keys
     reference, built = knnlm.build_index(keys), indexed.load_index()
     queries = queries_near(100)
     faiss.extract_index_ivf(reference).nprobe = faiss.extract_index_ivf(built.index).nprobe = 32
@@ -175,7 +175,7 @@ def test_the_plans_seed_seeds_the_k_means_of_the_lists(indexed):
     first, again, other = lists(0, "seed0"), lists(0, "seed0again"), lists(1, "seed1")
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
-    reference = knnlm.build_index(torch.from_numpy(np.load(os.path.join(indexed.path, "keys.npy"))), seed=1)
+    reference = knnlm.build_index(indexed.keys, seed=1)
     quantizer = faiss.extract_index_ivf(reference).quantizer  # section 5's reference: the same lists at the same seed
     np.testing.assert_array_equal(quantizer.reconstruct_n(0, quantizer.ntotal), other)
 
