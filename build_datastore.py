@@ -30,7 +30,7 @@ import torch
 import knnlm
 from knnlm_tools import files, corpora, checkpoints, faiss_index, datastores, cli, cpu
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                  parents=[cli.arguments("data", "checkpoint", "window", "min_context", "batch_size", "device",
                                                        "precision")])
 parser.add_argument("--split", default="train", choices=knnlm.SPLITS, help="split to store (default: %(default)s)")

@@ -27,7 +27,7 @@ import torch
 import knnlm
 from knnlm_tools import files, corpora, checkpoints, datastores, cli, cpu
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                  parents=[cli.arguments("data", "checkpoint", "window", "datastore", "k", "lambda",
                                                               "temperature", "nprobe", "min_context", "batch_size",
                                                               "device", "precision")])

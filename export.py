@@ -15,7 +15,7 @@ import argparse
 
 from knnlm_tools import checkpoints, gpt2, cli
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
 parser.add_argument("--checkpoint", default="runs/model.pt",
                     help="the checkpoint of train.py to convert (default: %(default)s)")
 parser.add_argument("--out", required=True, help="the model directory to write (must not exist, or be empty)")

@@ -26,7 +26,7 @@ from knnlm_tools import corpora, checkpoints, datastores, cli
 
 CONTEXT_WORDS = 12  # words of stored text shown before a neighbour
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                  parents=[cli.arguments("checkpoint", "window", "datastore", "k", "lambda", "temperature",
                                                               "nprobe", "device")])
 parser.add_argument("--prompt", default="", help="words to continue (default: empty, a new paragraph)")

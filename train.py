@@ -32,7 +32,7 @@ PRESETS = {  # name: (n_layer, n_head, d_model, block_size)
     "paper": (16, 16, 1024, 3072),  # Baevski & Auli's WikiText-103 model size (the paper uses adaptive softmax)
 }
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                  parents=[cli.arguments("data", "batch_size", "device", "precision", batch_size=8)])
 parser.add_argument("--out", default="runs/model.pt", help="checkpoint path (default: %(default)s)")
 parser.add_argument("--preset", default="cpu-small", choices=PRESETS,

@@ -183,7 +183,7 @@ def make_assignment(out_dir, names, root=ROOT):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("out_dir", nargs="?", help="where to write the student copy (new or empty)")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=list(EXERCISES),
                    help="blank only these functions (default: every exercise)")

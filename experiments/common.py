@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(doc, split="valid"):
-    p = Parser(prog=program(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog=program(), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                parents=[cli.arguments("data", "checkpoint", "window", "datastore", "k", "device")])
     cli.backend_argument(p, choices=("auto", "torch", "ext"))  # the analyses search exactly
     p.add_argument("--split", default=split, choices=knnlm.SPLITS, help="split to analyse (default: %(default)s)")

@@ -87,7 +87,7 @@ def convert(paths, out_dir, separator=None, valid=0.05, test=0.05, seed=0, lang=
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("paths", nargs="+", help="raw text files, or directories of them")
     parser.add_argument("--out", required=True, help="directory for wiki.{train,valid,test}.tokens")
     parser.add_argument("--separator", default=None, help="a line equal to this separates documents within a file")
