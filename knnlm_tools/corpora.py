@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import knnlm
 from knnlm import KnnlmError
+from knnlm_tools import files
 
 
 WIKITEXT_URLS = {  # the official archives, newest location first
@@ -74,10 +75,8 @@ def download_wikitext(name, root):
 
 def make_small(src_dir, dst_dir, train_bytes=SMALL_TRAIN_BYTES):
     """wikitext-103-small: official valid and test; train cut to its first articles
-    (the longest prefix of at most train_bytes that ends where an article begins)."""
-    os.makedirs(dst_dir, exist_ok=True)
-    for split in ("valid", "test"):
-        shutil.copyfile(knnlm.split_path(src_dir, split), knnlm.split_path(dst_dir, split))
+    (the longest prefix of at most train_bytes that ends where an article begins). Written
+    beside dst_dir and renamed into place: an interrupted cut leaves no dst_dir to be read later."""
     with open(knnlm.split_path(src_dir, "train"), "rb") as f:
         head = f.read(train_bytes + 1)
     lines = head.splitlines(keepends=True)
@@ -87,25 +86,35 @@ def make_small(src_dir, dst_dir, train_bytes=SMALL_TRAIN_BYTES):
             if size <= train_bytes:
                 cut = size
         size += len(line)
-    with open(knnlm.split_path(dst_dir, "train"), "wb") as f:
-        f.write(head[:cut] if len(head) > train_bytes else head)
-    return check_corpus(dst_dir)
+    root = os.path.dirname(os.path.normpath(dst_dir)) or "."
+    os.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        small = os.path.join(tmp, "small")
+        os.makedirs(small)
+        for split in ("valid", "test"):
+            shutil.copyfile(knnlm.split_path(src_dir, split), knnlm.split_path(small, split))
+        with open(knnlm.split_path(small, "train"), "wb") as f:
+            f.write(head[:cut] if len(head) > train_bytes else head)
+        check_corpus(small)
+        os.replace(small, dst_dir)
+    return dst_dir
 
 
 def resolve_corpus(data_dir):
     """A directory with the three splits is used as it is. A missing directory named
-    wikitext-103, wikitext-2 or wikitext-103-small is downloaded (and cut) first."""
+    wikitext-103, wikitext-2 or wikitext-103-small is downloaded (and cut) first, by one
+    process at a time: a second one started meanwhile is told which process is fetching it."""
     if os.path.isdir(data_dir):
         return check_corpus(data_dir)
     root, name = os.path.split(os.path.normpath(data_dir))
-    if name in WIKITEXT_URLS:
-        return download_wikitext(name, root or ".")
-    if name == "wikitext-103-small":
-        full = os.path.join(root or ".", "wikitext-103")
-        if not os.path.isdir(full):
-            download_wikitext("wikitext-103", root or ".")
-        return make_small(full, data_dir)
-    return check_corpus(data_dir)
+    if name not in WIKITEXT_URLS and name != "wikitext-103-small":
+        return check_corpus(data_dir)
+    with files.writing(data_dir):
+        if os.path.isdir(data_dir):  # fetched by the process that held the lock before
+            return check_corpus(data_dir)
+        if name in WIKITEXT_URLS:
+            return download_wikitext(name, root or ".")
+        return make_small(resolve_corpus(os.path.join(root or ".", "wikitext-103")), data_dir)
 
 
 SHARED_MIN_WORDS = 10    # paragraphs this long are (nearly) never in two WikiText splits: 0.005% of test's words

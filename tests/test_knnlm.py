@@ -1,6 +1,8 @@
 """The paper's claims, one test each, on tiny data the tests make themselves."""
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -261,6 +263,48 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(corpora.urllib.request, "urlretrieve", offline)
     with pytest.raises(knnlm.KnnlmError, match="pass it with --data"):
         corpora.resolve_corpus(str(tmp_path / "wikitext-2"))
+
+
+def test_a_partial_wikitext_103_is_named_before_wikitext_103_small_is_cut(tmp_path):
+    (tmp_path / "wikitext-103").mkdir()
+    (tmp_path / "wikitext-103" / "wiki.train.tokens").write_text(" a b \n")
+    with pytest.raises(knnlm.KnnlmError, match="wikitext-103 is not a WikiText corpus directory: missing .*wiki.valid"):
+        corpora.resolve_corpus(str(tmp_path / "wikitext-103-small"))
+    assert not (tmp_path / "wikitext-103-small").exists()
+
+
+def test_an_interrupted_cut_leaves_no_wikitext_103_small_behind(tmp_path, monkeypatch):
+    write_corpus(tmp_path / "wikitext-103")
+    copyfile, copied = corpora.shutil.copyfile, []
+
+    def interrupted_after_one(src, dst):  # valid is copied, then Ctrl-C
+        if copied:
+            raise KeyboardInterrupt
+        copied.append(dst)
+        return copyfile(src, dst)
+
+    monkeypatch.setattr(corpora.shutil, "copyfile", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        corpora.resolve_corpus(str(tmp_path / "wikitext-103-small"))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["wikitext-103"]
+    monkeypatch.undo()
+    small = corpora.resolve_corpus(str(tmp_path / "wikitext-103-small"))  # the next run cuts it whole
+    for split in knnlm.SPLITS[1:]:
+        assert open(knnlm.split_path(small, split)).read() == open(knnlm.split_path(tmp_path / "wikitext-103", split)).read()
+
+
+def test_a_corpus_being_fetched_by_another_process_is_not_fetched_twice(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from knnlm_tools import files\n"
+                               f"with files.writing({str(tmp_path / 'wikitext-2')!r}):\n"
+                               "    print('held', flush=True); time.sleep(600)"],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(knnlm.KnnlmError, match=f"wikitext-2 is being written by another process \\(pid {holder.pid}\\)"):
+            corpora.resolve_corpus(str(tmp_path / "wikitext-2"))
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 REAL = os.environ.get("KNNLM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
