@@ -60,6 +60,7 @@ def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, comm
         check_same(asdict(manifest), asdict(Manifest.read(out_dir)[0]), "this build", f"the datastore in {out_dir}")
         print(f"{out_dir} already holds this datastore")
         return manifest
+    check_processes(out_dir, shards)  # each process's rows are its share of the windows: as many as began it
     windows = knnlm.sliding_windows(len(tokens), cfg.block_size, manifest.min_context)
     windows = windows[len(windows) * shard // shards:len(windows) * (shard + 1) // shards]
     first_row = windows[0][0] + windows[0][2] if windows else n  # the row of the first target scored
@@ -70,7 +71,7 @@ def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, comm
                    f"the interrupted build in {out_dir}")
         print(f"resuming at row {done['rows']:,} of {n:,}")
     else:
-        done = {"manifest": asdict(manifest), "rows": first_row}
+        done = {"manifest": asdict(manifest), "rows": first_row, "processes": shards}
     # The progress is a row count at the end of a window, so a rerun continues with the next
     # window whatever its --batch-size (a window's rows are the same in any batch).
     skip = sum(end <= done["rows"] for _, end, _ in windows)
@@ -102,7 +103,7 @@ def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, comm
         bar.set_postfix(tok_per_s=f"{(row - done['rows']) / (time.time() - start):.0f}", refresh=False)
         if time.time() - last_commit > commit_seconds or row == last_row:
             keys.flush(), vals.flush()  # the rows reach the disk before the progress that counts them
-            write_json({"manifest": asdict(manifest), "rows": row}, progress_path)
+            write_json({"manifest": asdict(manifest), "rows": row, "processes": shards}, progress_path)
             last_commit = time.time()
     bar.close()
     assert row == last_row, (row, last_row)
@@ -118,6 +119,26 @@ def write_datastore(model, tokens, out_dir, manifest, batch_size, progress, comm
 
 def progress_file(out_dir, shard, shards):
     return os.path.join(out_dir, "progress.json" if shards == 1 else f"progress.shard{shard}.json")
+
+
+def check_processes(out_dir, shards):
+    """Refuse to continue, under another number of processes, a build begun in out_dir: the rows a process
+    records as done are of its share of the windows, and another share would skip rows no one wrote."""
+    begun = progress_files(out_dir)
+    if not begun:
+        return
+    counts = {1 if f == "progress.json" else read_json(os.path.join(out_dir, f), {"rows": int}).get("processes")
+              for f in begun}  # a shard's file written before the count was recorded: None
+    if counts == {shards}:
+        return
+    n = counts.pop() if len(counts) == 1 else None
+    raise KnnlmError(f"the interrupted build in {out_dir} was begun by {processes(n) if n else 'processes it did not count'}"
+                     f", this one runs in {processes(shards)}: continue it in as many (torchrun --nproc_per_node N, "
+                     f"or plain python for one), or delete {out_dir} and build it again")
+
+
+def processes(n):
+    return f"{n} process{'es' if n > 1 else ''}"
 
 
 def progress_files(out_dir):

@@ -405,6 +405,41 @@ def test_resuming_with_another_batch_size_gives_the_same_datastore(slow_build, t
     assert "already holds this datastore" in run("build_datastore.py", *args, "--out", out, cwd=root).stdout
 
 
+def test_a_build_begun_by_two_processes_is_continued_only_by_two(tmp_path, monkeypatch):
+    """Each process of a build writes the rows of its share of the windows and records how far it got.
+    Under another number of processes the shares move, and a process would skip rows recorded as done
+    that no process wrote: refused, in one line; continued by two processes, it ends as a whole build."""
+    data = write_corpus(tmp_path / "corpus", n_lines=(400, 12, 12))
+    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
+    model, tokens = tiny_model(len(vocab)), vocab.encode_file(knnlm.split_path(data, "train"))
+
+    def build(out, shard=0, shards=1):  # one process's part of the build
+        datastores.build_datastore(model, vocab, tokens, str(out), min_context=8, batch_size=2, progress=False,
+                                   commit_seconds=0, shard=shard, shards=shards)
+
+    def three_batches_then_ctrl_c(*args, rows=knnlm.datastore_rows):
+        for i, batch in enumerate(rows(*args)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield batch
+
+    build(tmp_path / "whole")
+    out = tmp_path / "ds"
+    monkeypatch.setattr(knnlm, "datastore_rows", three_batches_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build(out, 0, 2)  # the first of two processes stopped early
+    monkeypatch.undo()
+    build(out, 1, 2)  # the second one finished its share
+    for shard, shards in [(0, 3), (1, 3), (2, 3), (0, 1)]:
+        with pytest.raises(knnlm.KnnlmError, match=f"was begun by 2 processes, this one runs in {shards} process"):
+            build(out, shard, shards)
+    build(out, 1, 2)
+    build(out, 0, 2)
+    assert sorted(os.listdir(out)) == [".lock", "keys.npy", "meta.json", "vals.npy"]
+    assert same_files(out, tmp_path / "whole", names=("vals.npy",))
+    torch.testing.assert_close(datastores.DiskDatastore(str(out)).keys, datastores.DiskDatastore(str(tmp_path / "whole")).keys)
+
+
 # ---------------------------------------------------------------- a full disk, a read-only directory
 
 @pytest.fixture
