@@ -221,5 +221,6 @@ def save(args, name, numbers, fig):
     os.makedirs(args.out, exist_ok=True)
     numbers = {**numbers, "command": command(), "machine": machine()}
     files.write_json(numbers, os.path.join(args.out, f"{name}.json"))  # inf (λ = 1: a token without neighbour) -> null
-    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120, bbox_inches="tight")
+    with files.atomic_write(os.path.join(args.out, f"{name}.png")) as tmp:  # Ctrl-C here leaves the last plot whole
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     print(f"wrote {os.path.join(args.out, name)}.json and .png")

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import knnlm  # noqa: E402
-from knnlm_tools import corpora, cli  # noqa: E402
+from knnlm_tools import corpora, cli, files  # noqa: E402
 from experiments import common  # noqa: E402
 
 p = common.parser(__doc__)
@@ -97,7 +97,7 @@ for r in records:
 report = "\n".join(lines)
 print(report)
 os.makedirs(args.out, exist_ok=True)
-with open(os.path.join(args.out, "explain.md"), "w") as f:
+with files.atomic_write(os.path.join(args.out, "explain.md")) as tmp, open(tmp, "w") as f:
     f.write(report)
 
 # the plot: p_kNN against p_LM for every token, and the gain by how often the target is a datastore value
