@@ -161,8 +161,7 @@ def shared_paragraphs(paths, source_file, min_words=SHARED_MIN_WORDS):
     """{path: the share of its words, in paragraphs of min_words or more, whose paragraph is also in source_file}."""
     texts = {path: [" ".join(words) for words in knnlm.read_lines(path) if len(words) >= min_words] for path in paths}
     wanted, found = set().union(*texts.values()), set()
-    for words in tqdm(knnlm.read_lines(source_file), desc="is the evaluated text in the datastore's?", unit=" lines",
-                      leave=False, disable=os.path.getsize(source_file) < 1 << 28):
+    for words in knnlm.read_lines(source_file, desc="is the evaluated text in the datastore's?"):
         if len(words) >= min_words and (line := " ".join(words)) in wanted:
             found.add(line)
     share = {}

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import knnlm
 from knnlm import KnnlmError
@@ -159,16 +158,12 @@ class TokenizerVocab:
 
     def encode_file(self, path, lines_per_call=4096):
         ids, lines = [], []
-        bar = tqdm(desc=f"tokenize {os.path.basename(path)}", unit=" lines", leave=False,
-                   disable=os.path.getsize(path) < 1 << 24)
-        for words in knnlm.read_lines(path):
+        for words in knnlm.read_lines(path, desc=f"tokenize {os.path.basename(path)}"):
             lines.append(line_text(words))
             if len(lines) == lines_per_call:
                 ids += self.encode(lines)
-                bar.update(len(lines))
                 lines = []
         ids += self.encode(lines) if lines else []
-        bar.close()
         return torch.tensor(ids, dtype=torch.long)
 
     def encode_prompt(self, text):
