@@ -24,6 +24,7 @@ export.py writes maps the same text to exactly the project's token ids.
 Weights are loaded in float32 (exact, and fast on any CPU); the memory a model needs is
 estimated from its config before anything is loaded.
 """
+import array
 import functools
 import hashlib
 import json
@@ -35,6 +36,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -157,14 +159,14 @@ class TokenizerVocab:
         return ids
 
     def encode_file(self, path, lines_per_call=4096):
-        ids, lines = [], []
+        ids, lines = array.array("q"), []  # 8 bytes a token, not an int object and its pointer in a list
         for words in knnlm.read_lines(path, desc=f"tokenize {os.path.basename(path)}"):
             lines.append(line_text(words))
             if len(lines) == lines_per_call:
-                ids += self.encode(lines)
+                ids.extend(self.encode(lines))
                 lines = []
-        ids += self.encode(lines) if lines else []
-        return torch.tensor(ids, dtype=torch.long)
+        ids.extend(self.encode(lines) if lines else [])
+        return torch.from_numpy(np.frombuffer(ids, dtype=np.int64))
 
     def encode_prompt(self, text):
         """A prompt that begins a new paragraph: the newline that ends the one before, then its words."""
