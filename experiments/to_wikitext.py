@@ -65,6 +65,10 @@ def wikitext_line(paragraph, tokenizer):
 
 def convert(paths, out_dir, separator=None, valid=0.05, test=0.05, seed=0, lang="en"):
     """Write out_dir/wiki.{train,valid,test}.tokens; -> {split: number of documents}."""
+    outputs = {os.path.realpath(out_dir)} | {os.path.realpath(knnlm.split_path(out_dir, s)) for s in knnlm.SPLITS}
+    if any(os.path.realpath(path) in outputs for path in paths):  # a rerun would read the splits as raw text
+        raise knnlm.KnnlmError(f"--out {out_dir} is among the raw texts: the next run would read its "
+                               "wiki.*.tokens as documents, and test's text could land in train. Pass another --out")
     skipped = []
     docs = list(documents(paths, separator, skipped))
     if skipped:

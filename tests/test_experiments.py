@@ -108,6 +108,20 @@ def test_raw_text_is_converted_into_the_wikitext_format(tmp_path):
         to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out2"))  # one file, no separator: 1 document
 
 
+def test_the_corpus_is_not_written_among_its_raw_texts(tmp_path):
+    """Written there, a second run would read the splits as documents: the test split's text could land in train."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.txt").write_text(RAW)
+    for out in [tmp_path / "raw", tmp_path / "raw" / "."]:
+        with pytest.raises(knnlm.KnnlmError, match="is among the raw texts"):
+            to_wikitext.convert([str(tmp_path / "raw")], str(out), separator="%", valid=0.3, test=0.3)
+    to_wikitext.convert([str(tmp_path / "raw")], str(tmp_path / "out"), separator="%", valid=0.3, test=0.3)
+    with pytest.raises(knnlm.KnnlmError, match="is among the raw texts"):
+        to_wikitext.convert([str(tmp_path / "raw" / "a.txt"), str(tmp_path / "out" / "wiki.test.tokens")],
+                            str(tmp_path / "out"), separator="%", valid=0.3, test=0.3)
+    assert sorted(os.listdir(tmp_path / "raw")) == ["a.txt"]
+
+
 def test_a_file_that_is_not_utf8_is_refused_when_named_and_said_when_left_out(tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.txt").write_text(RAW)
