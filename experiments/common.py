@@ -69,15 +69,15 @@ def exact_backend(args, datastore):
 
 
 def build_datastore(args, data, out, key_type="ffn_in_ln", checkpoint=None):
-    """Build (or finish) a datastore with build_datastore.py, as a user would, unless it is there."""
-    if not os.path.isfile(os.path.join(out, "meta.json")):
-        built = subprocess.run([sys.executable, os.path.join(ROOT, "build_datastore.py"), "--data", data,
-                                "--checkpoint", checkpoint or args.checkpoint, "--key-type", key_type, "--out", out,
-                                *(["--window", str(args.window)] if args.window else []),
-                                "--device", args.device])
-        if built.returncode != 0:
-            raise knnlm.KnnlmError(f"building the datastore {out} of {data} failed (build_datastore.py exited with "
-                                   f"{built.returncode}; its message is above)")
+    """Build (or finish) a datastore with build_datastore.py, as a user would. One already in out is kept
+    if it is this one (of this model, text and key), and refused, with build_datastore.py's line, if not."""
+    built = subprocess.run([sys.executable, os.path.join(ROOT, "build_datastore.py"), "--data", data,
+                            "--checkpoint", checkpoint or args.checkpoint, "--key-type", key_type, "--out", out,
+                            *(["--window", str(args.window)] if args.window else []),
+                            "--device", args.device])
+    if built.returncode != 0:
+        raise knnlm.KnnlmError(f"building the datastore {out} of {data} failed (build_datastore.py exited with "
+                               f"{built.returncode}; its message is above)")
 
 
 def train_model(args, out, **flags):

@@ -14,6 +14,7 @@ Any raw text (--raw, --separator) or any directory already in the WikiText forma
 
 -> experiments/results/domain_adaptation.{json,png}
 """
+import filecmp
 import glob
 import os
 import subprocess
@@ -29,7 +30,8 @@ from experiments import common, to_wikitext  # noqa: E402
 
 p = common.parser(__doc__)
 p.add_argument("--target-data", default="data/fortunes",
-               help="the other domain in the WikiText format; made from --raw when missing (default: %(default)s)")
+               help="the other domain in the WikiText format; made from --raw when missing, and checked against it when "
+                    "there (default: %(default)s)")
 p.add_argument("--raw", nargs="+", default=None,
                help="raw text files or directories to convert (default: the `fortunes` Debian package)")
 p.add_argument("--separator", default="%", help="line separating documents in the raw files (default: %(default)s)")
@@ -54,11 +56,22 @@ def fetch_fortunes(dest):
     return files
 
 
+def convert(raw, target, separator):
+    """Write the corpus target from the raw texts; where target is there, check that it is what they make."""
+    if not all(os.path.isfile(knnlm.split_path(target, s)) for s in knnlm.SPLITS):
+        counts = to_wikitext.convert(raw, target, separator)
+        print(f"wrote {target} from {' '.join(raw)}: {counts}")
+        return
+    with tempfile.TemporaryDirectory() as made:
+        to_wikitext.convert(raw, made, separator)
+        if not all(filecmp.cmp(knnlm.split_path(made, s), knnlm.split_path(target, s), shallow=False) for s in knnlm.SPLITS):
+            raise knnlm.KnnlmError(f"{target} holds another corpus than {' '.join(raw)} makes (with --separator "
+                                   f"{separator!r}): pass another --target-data, or remove it")
+
+
 with cli.user_errors():
-    if not all(os.path.isfile(knnlm.split_path(args.target_data, s)) for s in knnlm.SPLITS):
-        raw = args.raw or [fetch_fortunes("runs/raw/fortunes")]
-        counts = to_wikitext.convert(raw, args.target_data, args.separator)
-        print(f"wrote {args.target_data} from {' '.join(raw)}: {counts}")
+    if args.raw or not all(os.path.isfile(knnlm.split_path(args.target_data, s)) for s in knnlm.SPLITS):
+        convert(args.raw or [fetch_fortunes("runs/raw/fortunes")], args.target_data, args.separator)
     common.build_datastore(args, args.target_data, args.target_datastore)
 
 target_name = os.path.basename(os.path.normpath(args.target_data))

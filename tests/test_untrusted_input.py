@@ -363,6 +363,31 @@ def test_domain_adaptation_says_one_line_when_its_datastore_build_fails(work, tm
     assert "is a file, not a directory" in result.stderr  # build_datastore.py's own line, above it
 
 
+def test_domain_adaptation_takes_no_corpus_or_datastore_made_from_other_text(work, tmp_path):
+    """A corpus or a datastore left by an earlier run is used only if it is of the text asked for."""
+    root, data = work
+    other, third = (write_corpus(tmp_path / name, n_lines=(40, 10, 10), seed=seed) for name, seed in (("o", 1), ("t", 2)))
+    (tmp_path / "raw.txt").write_text("\n%\n".join(f"the cat sat on mat number {i} ." for i in range(30)))
+
+    def analysis(target, datastore, *args):
+        return subprocess.run([sys.executable, "-m", "experiments.domain_adaptation", "--data", data, "--checkpoint",
+                               root / "runs" / "model.pt", "--datastore", root / "runs" / "datastore", "--k", "8",
+                               "--target-data", target, "--target-datastore", tmp_path / datastore, "--cache-dir",
+                               tmp_path / "cache", "--out", tmp_path / "out", *map(str, args)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert analysis(other, "ds").returncode == 0
+    built = json.load(open(tmp_path / "ds" / "meta.json"))
+    result = analysis(third, "ds")  # ds holds the datastore of `other`
+    fails(result, "building the datastore")
+    assert "differs" in result.stderr and json.load(open(tmp_path / "ds" / "meta.json")) == built
+    texts = [open(knnlm.split_path(other, split)).read() for split in knnlm.SPLITS]
+    fails(analysis(other, "ds", "--raw", tmp_path / "raw.txt"), f"{other} holds another corpus than")
+    assert [open(knnlm.split_path(other, split)).read() for split in knnlm.SPLITS] == texts  # left as it was
+    for _ in range(2):  # the corpus the raw text makes, then the same again: kept
+        assert analysis(tmp_path / "from_raw", "ds_raw", "--raw", tmp_path / "raw.txt").returncode == 0
+
+
 def test_a_cut_short_experiments_cache_is_computed_again(tmp_path):
     from experiments import common
 
