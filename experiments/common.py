@@ -82,17 +82,20 @@ def build_datastore(args, data, out, key_type="ffn_in_ln", checkpoint=None):
 
 def train_model(args, out, **flags):
     """Train (or finish) a model with train.py, as a user would, with these flags (max_iters=120 ->
-    --max-iters 120): skipped when out's last state has reached --max-iters with the same flags,
+    --max-iters 120) on args.data: skipped when out's last state has reached --max-iters with the same flags and text,
     resumed (--resume) when it stopped short. -> the seconds train.py ran (0 when skipped)."""
     last_path = os.path.splitext(out)[0] + ".last.pt"
     resume = []
     if os.path.isfile(last_path) and os.path.isfile(out):
         with cli.user_errors():
             _, _, last = checkpoints.load_checkpoint(last_path)
-        other = {name: last["args"].get(name) for name, value in flags.items() if last["args"].get(name) != value}
+            train = knnlm.split_path(corpora.resolve_corpus(args.data), "train")
+        wanted = {**flags, "train_sha256": corpora.file_fingerprint(train)}
+        found = {**last["args"], "train_sha256": last["corpus"]["sha256"]}
+        other = {name: found.get(name) for name in wanted if found.get(name) != wanted[name]}
         if other:
-            raise knnlm.KnnlmError(f"{out} is a model trained with other arguments ({other}, not "
-                                   f"{ {name: flags[name] for name in other} }): remove it, or pass another --work")
+            raise knnlm.KnnlmError(f"{out} is a model trained with other arguments or text ({other}, not "
+                                   f"{ {name: wanted[name] for name in other} }): remove it, or pass another --work")
         if last["step"] >= flags["max_iters"]:
             print(f"{out}: trained ({last['step']} steps)")
             return 0

@@ -221,6 +221,19 @@ def test_every_analysis_runs_from_its_command(trained):
         assert len(record["neighbours"]) == 3
 
 
+def test_a_model_an_analysis_trained_is_used_again_only_on_its_own_text(trained, tmp_path):
+    from argparse import Namespace
+    from experiments import common
+    tmp, data = trained  # runs/model.pt: train.py --preset tiny --max-iters 20 on data
+    flags = dict(preset="tiny", max_iters=20, batch_size=4)
+    assert common.train_model(Namespace(data=data, device="cpu"), str(tmp / "runs" / "model.pt"), **flags) == 0
+    other = write_corpus(tmp_path / "other", n_lines=(200, 30, 30), seed=5)
+    with pytest.raises(knnlm.KnnlmError, match="trained with other arguments or text .*train_sha256"):
+        common.train_model(Namespace(data=other, device="cpu"), str(tmp / "runs" / "model.pt"), **flags)
+    with pytest.raises(knnlm.KnnlmError, match="'batch_size': 4}, not {'batch_size': 8}"):
+        common.train_model(Namespace(data=data, device="cpu"), str(tmp / "runs" / "model.pt"), **{**flags, "batch_size": 8})
+
+
 def test_section_6_and_table_3_analyses_run_from_their_commands(trained):
     """Fig. 7, Table 3 / Fig. 2 and Fig. 8 on the tiny corpus: each mix at weight 0 is in the grid, so never worse
     than what it is added to; the smaller models are train.py runs with the main model's arguments and vocabulary,
