@@ -69,6 +69,9 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
     if args.results:
         outputs.enter_context(files.writing(args.results))
         earlier = files.read_json(args.results, {}) if os.path.isfile(args.results) else {}
+        if os.path.isfile(args.results) and "lm_ppl" not in earlier:  # e.g. a datastore's meta.json, overwritten
+            raise knnlm.KnnlmError(f"{args.results} is not a results file of evaluate.py (it has no lm_ppl): "
+                                   "pass another --results")
     model, vocab, ckpt = checkpoints.load_model(args.checkpoint, cli.check_device(args.device), args.window)
     threads = cpu.Threads().follow(model)
     precision = cpu.resolve_precision(args.precision, args.device)

@@ -530,7 +530,8 @@ def test_a_read_only_output_directory_is_refused_before_any_work(work, read_only
 
 @pytest.mark.parametrize("content, message", [(None, "is a directory, not a file"),
                                               ("{not json", "cannot read"),
-                                              ("[1, 2]", "holds a JSON list, not the object expected")])
+                                              ("[1, 2]", "holds a JSON list, not the object expected"),
+                                              ('{"count": 500, "dim": 16}', "is not a results file of evaluate.py")])
 def test_a_bad_results_path_is_refused_before_the_evaluation(work, tmp_path, content, message):
     root, data = work
     path = tmp_path / "results.json"
