@@ -110,6 +110,8 @@ n_layer, n_head, d_model, block_size = PRESETS[args.preset]
 # one writer of a checkpoint at a time; its directory is checked writable before any work
 interrupted = f"rerun with --resume to continue from the last validation ({last_path})"
 with cli.user_errors(interrupted), files.writing(args.out), files.writing(last_path):
+    for path in (args.out, last_path):
+        checkpoints.check_replaceable(path)
     # data
     cli.check_device(args.device)
     args.precision = cpu.resolve_precision(args.precision, args.device)  # the checkpoint records which ran

@@ -46,6 +46,17 @@ def save_checkpoint(path, model, vocab, **extra):
             raise KnnlmError(f"cannot write {path}: {e}") from None
 
 
+def check_replaceable(path):
+    """Refuse to write a checkpoint over a file that is not one (torch.save writes a zip archive, or a pickle
+    before torch 1.6): a slip such as --out DATASTORE/keys.npy would lose that file to the training run."""
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise KnnlmError(f"{path} exists and is not a checkpoint (it begins with {head!r}): pass another --out, "
+                             "or remove it")
+
+
 # train.py arguments added since the first checkpoints, at the value those were trained with
 TRAINED_BEFORE = {"precision": "float32"}
 

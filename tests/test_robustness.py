@@ -544,6 +544,16 @@ def test_a_bad_results_path_is_refused_before_the_evaluation(work, tmp_path, con
     assert "tokens |" not in result.stdout  # no split was scored
 
 
+@pytest.mark.parametrize("name, content", [("keys.npy", b"\x93NUMPY\x01\x00"), ("results.json", b'{"lm_ppl": 1}')])
+def test_a_checkpoint_is_never_written_over_a_file_that_is_not_one(work, tmp_path, name, content):
+    root, data = work
+    (tmp_path / name).write_bytes(content)
+    result = run("train.py", "--data", data, "--preset", "tiny", "--max-iters", "2", "--out", tmp_path / name,
+                 cwd=root, check=False)
+    fails(result, f"{tmp_path / name} exists and is not a checkpoint")
+    assert (tmp_path / name).read_bytes() == content and "step" not in result.stdout
+
+
 # ---------------------------------------------------------------- silent wrong answers
 
 def test_a_datastore_of_the_evaluated_split_is_refused_unless_asked_for(work, tmp_path):
