@@ -154,7 +154,7 @@ def cached_pass(args, model, vocab, datastore, data_dir, split=None, tokens=None
         corpora.check_not_built_from(datastore, [path])
     key = {"model": checkpoints.fingerprint(model, vocab), "window": model.cfg.block_size,
            "text": corpora.file_fingerprint(path), "k": args.k,
-           "datastore": {f: getattr(datastore.meta, f) for f in ("count", "key_type", "source", "model_fingerprint")},
+           "datastore": datastore.seal,  # its manifest whole (context, precision, the files' checksums), not some fields
            **({"tokens": tokens} if tokens is not None else {})}
 
     def compute():

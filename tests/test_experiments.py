@@ -13,7 +13,7 @@ import torch
 import knnlm
 from knnlm_tools import corpora, datastores
 from experiments import to_wikitext
-from helpers import ROOT, WORDS, fails, run, write_corpus
+from helpers import ROOT, WORDS, fails, run, tiny_model, write_corpus
 
 
 def run_module(module, *args, cwd, check=True):
@@ -232,6 +232,23 @@ def test_a_model_an_analysis_trained_is_used_again_only_on_its_own_text(trained,
         common.train_model(Namespace(data=other, device="cpu"), str(tmp / "runs" / "model.pt"), **flags)
     with pytest.raises(knnlm.KnnlmError, match="'batch_size': 4}, not {'batch_size': 8}"):
         common.train_model(Namespace(data=data, device="cpu"), str(tmp / "runs" / "model.pt"), **{**flags, "batch_size": 8})
+
+
+def test_an_analysis_pass_is_cached_per_datastore_not_per_model_and_text(tmp_path):
+    """Two datastores of one model and text, built with other contexts, have other neighbours: each its own cache."""
+    from argparse import Namespace
+    from experiments import common
+    data = write_corpus(tmp_path / "corpus", n_lines=(200, 20, 20))
+    vocab = knnlm.Vocab.build(knnlm.split_path(data, "train"))
+    model, tokens = tiny_model(len(vocab)), vocab.encode_file(knnlm.split_path(data, "train"))
+    args = Namespace(cache_dir=str(tmp_path / "cache"), k=8, split="valid")
+    for name, min_context in (("a", 8), ("b", 0)):
+        datastores.build_datastore(model, vocab, tokens, str(tmp_path / name), min_context=min_context, progress=False)
+        datastore = datastores.DiskDatastore(str(tmp_path / name))
+        datastore.use("torch", "cpu", 8)
+        own = knnlm.score_split(model, vocab.encode_file(knnlm.split_path(data, "valid")), datastore, 8, progress=False)
+        assert torch.equal(common.cached_pass(args, model, vocab, datastore, data)["dists"], own["dists"])
+    assert len(list((tmp_path / "cache").glob("valid-*.pt"))) == 2
 
 
 def test_section_6_and_table_3_analyses_run_from_their_commands(trained):
