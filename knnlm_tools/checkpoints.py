@@ -46,13 +46,16 @@ def save_checkpoint(path, model, vocab, **extra):
             raise KnnlmError(f"cannot write {path}: {e}") from None
 
 
+TORCH_HEADERS = (b"PK\x03\x04", b"\x80")  # torch.save writes a zip archive, or a pickle of protocol >= 2
+
+
 def check_replaceable(path):
-    """Refuse to write a checkpoint over a file that is not one (torch.save writes a zip archive, or a pickle
-    before torch 1.6): a slip such as --out DATASTORE/keys.npy would lose that file to the training run."""
+    """Refuse to write a checkpoint over a file that is not a torch file (TORCH_HEADERS): a slip such as
+    --out DATASTORE/keys.npy would lose that file to the training run."""
     if os.path.isfile(path) and os.path.getsize(path) > 0:
         with open(path, "rb") as f:
             head = f.read(4)
-        if not head.startswith((b"PK\x03\x04", b"\x80")):
+        if not head.startswith(TORCH_HEADERS):
             raise KnnlmError(f"{path} exists and is not a checkpoint (it begins with {head!r}): pass another --out, "
                              "or remove it")
 
@@ -114,8 +117,7 @@ def load_checkpoint(path, device="cpu"):
             head = None
         if head == b"":
             raise KnnlmError(f"cannot read checkpoint {path}: the file is empty") from None
-        # torch.save writes a zip archive, or a pickle of protocol >= 2
-        if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
+        if head is not None and not head.startswith(TORCH_HEADERS):
             raise KnnlmError(f"cannot read checkpoint {path}: not a file that torch.save writes (it begins with "
                              f"{head!r}, not with a zip archive's or a pickle's header)") from None
         if isinstance(e, pickle.UnpicklingError):  # what weights_only refuses: objects other than tensors and plain data
