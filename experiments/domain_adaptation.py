@@ -56,12 +56,8 @@ def fetch_fortunes(dest):
     return files
 
 
-def convert(raw, target, separator):
-    """Write the corpus target from the raw texts; where target is there, check that it is what they make."""
-    if not all(os.path.isfile(knnlm.split_path(target, s)) for s in knnlm.SPLITS):
-        counts = to_wikitext.convert(raw, target, separator)
-        print(f"wrote {target} from {' '.join(raw)}: {counts}")
-        return
+def check_made_from(raw, target, separator):
+    """Refuse a corpus in target other than the one the raw texts make: it would be used in their place."""
     with tempfile.TemporaryDirectory() as made:
         to_wikitext.convert(raw, made, separator)
         if not all(filecmp.cmp(knnlm.split_path(made, s), knnlm.split_path(target, s), shallow=False) for s in knnlm.SPLITS):
@@ -70,8 +66,12 @@ def convert(raw, target, separator):
 
 
 with cli.user_errors():
-    if args.raw or not all(os.path.isfile(knnlm.split_path(args.target_data, s)) for s in knnlm.SPLITS):
-        convert(args.raw or [fetch_fortunes("runs/raw/fortunes")], args.target_data, args.separator)
+    if not all(os.path.isfile(knnlm.split_path(args.target_data, s)) for s in knnlm.SPLITS):
+        raw = args.raw or [fetch_fortunes("runs/raw/fortunes")]
+        counts = to_wikitext.convert(raw, args.target_data, args.separator)
+        print(f"wrote {args.target_data} from {' '.join(raw)}: {counts}")
+    elif args.raw:
+        check_made_from(args.raw, args.target_data, args.separator)
     common.build_datastore(args, args.target_data, args.target_datastore)
 
 target_name = os.path.basename(os.path.normpath(args.target_data))
