@@ -1,8 +1,6 @@
 """The paper's claims, one test each, on tiny data the tests make themselves."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -291,20 +289,6 @@ def test_an_interrupted_cut_leaves_no_wikitext_103_small_behind(tmp_path, monkey
     small = corpora.resolve_corpus(str(tmp_path / "wikitext-103-small"))  # the next run cuts it whole
     for split in knnlm.SPLITS[1:]:
         assert open(knnlm.split_path(small, split)).read() == open(knnlm.split_path(tmp_path / "wikitext-103", split)).read()
-
-
-def test_a_corpus_being_fetched_by_another_process_is_not_fetched_twice(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from knnlm_tools import files\n"
-                               f"with files.writing({str(tmp_path / 'wikitext-2')!r}):\n"
-                               "    print('held', flush=True); time.sleep(600)"],
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline() == b"held\n"
-        with pytest.raises(knnlm.KnnlmError, match=f"wikitext-2 is being written by another process \\(pid {holder.pid}\\)"):
-            corpora.resolve_corpus(str(tmp_path / "wikitext-2"))
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 REAL = os.environ.get("KNNLM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -34,6 +35,20 @@ def wait_for(text, log, proc, timeout=120):
         assert proc.poll() is None, open(log).read()
         assert time.time() < deadline, open(log).read()
         time.sleep(0.02)
+
+
+@contextmanager
+def written_elsewhere(path, tmp_path):
+    """Another process holding files.writing(path) while inside: -> that process."""
+    holder = start(None, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); from knnlm_tools import files\n"
+                   f"with files.writing({str(path)!r}):\n    print('held', flush=True); time.sleep(600)",
+                   cwd=tmp_path, log=tmp_path / "holder.log")
+    try:
+        wait_for("held", tmp_path / "holder.log", holder)
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ---------------------------------------------------------------- a checkpoint runs no code
@@ -241,35 +256,27 @@ def test_bench_index_writes_the_results_file_only_under_its_lock(work, tmp_path)
     from bench import index as bench_index
     results = tmp_path / "r.json"
     results.write_text("{}")
-    holder = start(None, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); from knnlm_tools import files\n"
-                   f"with files.writing({str(results)!r}):\n    print('held', flush=True); time.sleep(600)",
-                   cwd=tmp_path, log=tmp_path / "log")
-    try:
-        wait_for("held", tmp_path / "log", holder)
+    with written_elsewhere(results, tmp_path) as holder:
         with pytest.raises(knnlm.KnnlmError, match=f"is being written by another process \\(pid {holder.pid}\\)"):
             bench_index.end_to_end(None, None, None, None, str(results))
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_results_file_named_through_a_symlink_has_one_lock(tmp_path):
     real, alias = tmp_path / "results.json", tmp_path / "alias.json"
     real.write_text("{}")
     alias.symlink_to(real)
-    holder = start(None, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); from knnlm_tools import files\n"
-                   f"with files.writing({str(real)!r}):\n    print('held', flush=True); time.sleep(600)",
-                   cwd=tmp_path, log=tmp_path / "log")
-    try:
-        wait_for("held", tmp_path / "log", holder)
+    with written_elsewhere(real, tmp_path):
         with pytest.raises(knnlm.KnnlmError, match="is being written by another process"):
             with files.writing(str(alias)):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     files.write_json({"a": 1}, str(alias))  # written through the link: the link stays, the file changes
     assert alias.is_symlink() and json.load(open(real)) == {"a": 1}
+
+
+def test_a_corpus_being_fetched_by_another_process_is_not_fetched_twice(tmp_path):
+    with written_elsewhere(tmp_path / "wikitext-2", tmp_path) as holder:
+        with pytest.raises(knnlm.KnnlmError, match=f"wikitext-2 is being written by another process \\(pid {holder.pid}\\)"):
+            corpora.resolve_corpus(str(tmp_path / "wikitext-2"))
 
 
 # ---------------------------------------------------------------- one line, not a traceback
