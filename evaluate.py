@@ -102,6 +102,13 @@ print(f"datastore {args.datastore}: {len(datastore):,} keys ({datastore.key_type
       f"{threads}")
 
 
+def note_grid_edge(name, value, grid, grid_name):
+    """A value tuned at either end of its grid: the best may lie beyond it, which the grid cannot tell."""
+    if value in (min(grid), max(grid)):
+        print(f"note: {name} = {value} is at the end of the grid tuned over ({grid_name}: {min(grid)} to "
+              f"{max(grid)}); the best may lie beyond it")
+
+
 def score(split):
     with cpu.autocast(precision, args.device):
         return knnlm.score_split(model, tokens[split], datastore, args.k, min_context, args.batch_size, desc=split,
@@ -126,17 +133,23 @@ with cli.user_errors(interrupted="nothing was written; rerun the same command"):
         known_knn["valid"] = dict(zip(knnlm.TEMPERATURES, grid))
         args.lmbda, args.temperature, ppl, _ = knnlm.tune(caches["valid"], knnlm.LAMBDAS, knnlm.TEMPERATURES, grid=grid)
         print(f"tuned on valid: λ = {args.lmbda}, temperature = {args.temperature} (valid kNN-LM ppl {ppl:.2f})")
+        if args.lmbda:  # at λ = 0 the temperature plays no part
+            note_grid_edge("temperature", args.temperature, knnlm.TEMPERATURES, "knnlm.TEMPERATURES")
     if args.cache and args.tune:
         log_p_caches = knnlm.cache_grid(caches["valid"], knnlm.CACHE_THETAS, args.cache_window)
         args.cache_theta, args.cache_lambda, _, _, ppl = knnlm.tune_cache(caches["valid"], args.cache_window,
                                                                           log_p_caches=log_p_caches)
         print(f"tuned on valid: cache θ = {args.cache_theta}, λ_c = {args.cache_lambda} (valid LM + cache ppl {ppl:.2f})")
+        if args.cache_lambda:
+            note_grid_edge("cache θ", args.cache_theta, knnlm.CACHE_THETAS, "knnlm.CACHE_THETAS")
         known_cache["valid"] = log_p_caches[knnlm.CACHE_THETAS.index(args.cache_theta)]
         *with_knnlm, ppl = knnlm.tune_cache(caches["valid"], args.cache_window, thetas=[args.cache_theta],
                                            lambdas=knnlm.LAMBDAS, temperatures=knnlm.TEMPERATURES, grid=grid,
                                            log_p_caches=known_cache["valid"][None])
         print("tuned on valid, with kNN-LM: θ = {}, λ_c = {}, λ = {}, T = {} (valid kNN-LM + cache ppl {:.2f})".format(
             *with_knnlm, ppl))
+        if with_knnlm[2]:
+            note_grid_edge("temperature with the cache", with_knnlm[3], knnlm.TEMPERATURES, "knnlm.TEMPERATURES")
     elif args.cache:
         with_knnlm = [args.cache_theta, args.cache_lambda, args.lmbda, args.temperature]
     for split in splits:

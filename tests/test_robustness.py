@@ -570,6 +570,19 @@ def test_a_datastore_of_the_evaluated_split_is_refused_unless_asked_for(work, tm
     assert "kNN-LM ppl" in out
 
 
+def test_a_temperature_tuned_at_the_end_of_its_grid_is_said(work, tmp_path):
+    """Tuned on a datastore of valid itself, each token finds its own context at distance 0, and the smallest
+    temperature, which trusts that neighbour most, is best: the end of the grid, which evaluate.py says."""
+    work, data = copy_work(work, tmp_path)
+    run("build_datastore.py", "--data", data, "--split", "valid", "--out", "valid_ds", cwd=work)
+    out = run("evaluate.py", "--data", data, "--datastore", "valid_ds", "--k", "8", "--tune",
+              "--allow-eval-split-datastore", "--results", "r.json", cwd=work).stdout
+    results = json.load(open(work / "r.json"))
+    assert results["lambda"] > 0 and results["temperature"] == min(knnlm.TEMPERATURES)
+    assert (f"note: temperature = {min(knnlm.TEMPERATURES)} is at the end of the grid tuned over "
+            f"(knnlm.TEMPERATURES: {min(knnlm.TEMPERATURES)} to {max(knnlm.TEMPERATURES)})") in out
+
+
 def other_datastore(work, tmp_path, seed=1):
     """A datastore of the same shape built by another model (same vocabulary)."""
     root, data = work

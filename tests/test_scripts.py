@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 
+import knnlm
 from helpers import ROOT, run, write_corpus
 
 
@@ -17,8 +18,11 @@ def test_train_build_datastore_evaluate(tmp_path):
     # the paper's headline command, with the defaults finding the model and the datastore
     out = run("evaluate.py", "--data", data, "--k", "1024", "--lambda", "0.25", cwd=tmp_path).stdout
     assert "test:" in out and "kNN-LM ppl" in out
-    run("evaluate.py", "--data", data, "--k", "64", "--tune", "--results", "r.json", cwd=tmp_path)
+    out = run("evaluate.py", "--data", data, "--k", "64", "--tune", "--results", "r.json", cwd=tmp_path).stdout
     results = json.load(open(tmp_path / "r.json"))
+    # a temperature at either end of the grid tuned over is said, and only then
+    at_edge = results["lambda"] > 0 and results["temperature"] in (min(knnlm.TEMPERATURES), max(knnlm.TEMPERATURES))
+    assert ("note: temperature = " in out) == at_edge, out
     assert set(results["lm_ppl"]) == set(results["knnlm_ppl"]) == {"valid", "test"}
     assert results["datastore_size"] == meta["count"] and results["k"] == 64
     # λ tuned on valid can always fall back to 0, so kNN-LM is never worse than the LM on valid
